@@ -1,0 +1,387 @@
+//! One AMQP connection to the first broker of a list that answers, and the channel that
+//! carries its topology commands.
+
+use crate::core::error::{Error, Result};
+use crate::core::runtime;
+use crate::core::uri::{self, Endpoint};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{Channel, ConnectionProperties};
+use std::mem::ManuallyDrop;
+use std::time::Duration;
+
+/// How long a single broker command (declare, bind, delete...) may take before the caller
+/// gets a `TimeoutException` instead of a hang.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `close()` waits for the broker's close-ok.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TLS settings for `amqps://` URIs.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM file of CA certificates trusted besides the system's.
+    pub cafile: Option<String>,
+    /// PEM client certificate for mutual TLS.
+    pub certfile: Option<String>,
+    /// PEM (PKCS#8) private key of the client certificate.
+    pub keyfile: Option<String>,
+    /// Verify the broker's certificate and host name.
+    pub verify: bool,
+}
+
+/// Settings of a connection, as the PHP `Connection` options give them.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Heartbeat interval asked of the broker, in seconds; 0 turns heartbeats off.
+    pub heartbeat: u16,
+    /// Bound on TCP connect + TLS + AMQP handshake, per broker tried.
+    pub connect_timeout: Duration,
+    /// Connection name shown in the management UI.
+    pub name: Option<String>,
+    /// Automatic recovery after a lost connection.
+    pub reconnect: bool,
+    /// TLS settings, used for `amqps://` URIs.
+    pub tls: TlsOptions,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: 30,
+            connect_timeout: Duration::from_secs(5),
+            name: None,
+            reconnect: true,
+            tls: TlsOptions {
+                verify: true,
+                ..TlsOptions::default()
+            },
+        }
+    }
+}
+
+/// A live connection owned by the PHP thread.
+pub struct Connection {
+    // ManuallyDrop: in a forked child these belong to the parent and must be leaked, not
+    // dropped (a drop would queue a connection.close for the parent's socket).
+    inner: ManuallyDrop<lapin::Connection>,
+    channel: ManuallyDrop<Option<Channel>>,
+    endpoint: String,
+    generation: u64,
+    closed: bool,
+}
+
+fn read_file(path: &str, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::invalid_argument(format!("cannot read TLS {what} '{path}': {e}")))
+}
+
+fn tls_config(tls: &TlsOptions) -> Result<OwnedTLSConfig> {
+    if !tls.verify {
+        return Err(Error::invalid_argument(
+            "tls option 'verify' => false is not supported: give the broker's CA with 'cafile' instead",
+        ));
+    }
+    let cert_chain = match &tls.cafile {
+        Some(path) => Some(
+            String::from_utf8(read_file(path, "cafile")?)
+                .map_err(|_| Error::invalid_argument(format!("TLS cafile '{path}' is not PEM")))?,
+        ),
+        None => None,
+    };
+    let identity = match (&tls.certfile, &tls.keyfile) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read_file(cert, "certfile")?,
+            key: read_file(key, "keyfile")?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(Error::invalid_argument(
+                "tls options 'certfile' and 'keyfile' go together: give both or neither",
+            ))
+        }
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+async fn connect_one(
+    endpoint: &Endpoint,
+    options: &ConnectOptions,
+    tls: OwnedTLSConfig,
+    handle: tokio::runtime::Handle,
+) -> Result<lapin::Connection> {
+    let mut uri = endpoint.uri.clone();
+    uri.query.heartbeat = Some(options.heartbeat);
+    uri.query.connection_timeout = Some(options.connect_timeout.as_millis() as u64);
+    let mut props = ConnectionProperties::default()
+        .with_client_property("product".into(), "amqp_rs".into())
+        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
+    if let Some(name) = &options.name {
+        props = props.with_connection_name(name.as_str().into());
+    }
+    let rt = async_rs::Runtime::tokio_with_handle(handle);
+    let attempt = lapin::Connection::connect_uri_with_config(uri, props, tls, rt);
+    match tokio::time::timeout(options.connect_timeout, attempt).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(describe_connect_error(&e, &endpoint.display)),
+        // A connect that times out is still a failure to connect: ConnectionException.
+        Err(_) => Err(Error::connection(format!(
+            "cannot connect to {}: no AMQP handshake within {:.1} s (connect_timeout)",
+            endpoint.display,
+            options.connect_timeout.as_secs_f64()
+        ))),
+    }
+}
+
+fn describe_connect_error(err: &lapin::Error, display: &str) -> Error {
+    if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
+        let text = amqp.get_message().as_str();
+        let why = match amqp.get_id() {
+            403 => "access refused (check user name and password)",
+            530 => "not allowed (does the vhost exist, may this user use it?)",
+            _ => "refused by the broker",
+        };
+        return Error::connection(format!(
+            "cannot connect to {display}: {why}: {} {text}",
+            amqp.get_id()
+        ));
+    }
+    Error::connection(format!("cannot connect to {display}: {err}"))
+}
+
+impl Connection {
+    /// Connects to the first URI of `uris` that accepts us, in order.
+    pub fn open(uris: &[String], options: &ConnectOptions) -> Result<Connection> {
+        if uris.is_empty() {
+            return Err(Error::invalid_argument("no broker URI given"));
+        }
+        let endpoints = uris
+            .iter()
+            .map(|u| uri::parse(u))
+            .collect::<Result<Vec<_>>>()?;
+        let tls = if endpoints
+            .iter()
+            .any(|e| e.uri.scheme == lapin::uri::AMQPScheme::AMQPS)
+        {
+            tls_config(&options.tls)?
+        } else {
+            OwnedTLSConfig::default()
+        };
+        let (handle, generation) = runtime::current()?;
+        let mut failures = Vec::new();
+        for endpoint in &endpoints {
+            let attempt = connect_one(endpoint, options, tls.clone(), handle.clone());
+            // The inner timeout bounds the attempt; this outer one only guards against a
+            // runtime that stopped answering.
+            let limit = options.connect_timeout + Duration::from_secs(1);
+            match runtime::block_on(attempt, limit, &format!("connect to {}", endpoint.display))
+                .and_then(|r| r)
+            {
+                Ok(inner) => {
+                    return Ok(Connection {
+                        inner: ManuallyDrop::new(inner),
+                        channel: ManuallyDrop::new(None),
+                        endpoint: endpoint.display.clone(),
+                        generation,
+                        closed: false,
+                    })
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.len() == 1 {
+            return Err(failures.remove(0));
+        }
+        let all: Vec<&str> = failures.iter().map(Error::message).collect();
+        Err(Error::connection(format!(
+            "cannot connect to any of {} brokers: {}",
+            failures.len(),
+            all.join("; ")
+        )))
+    }
+
+    /// `amqp://user@host:port/vhost` of the broker we are connected to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether this object was made in this process (not inherited through `fork()`).
+    fn is_own(&self) -> bool {
+        runtime::is_current_generation(self.generation)
+    }
+
+    /// True while the connection is open and usable from this process.
+    pub fn is_connected(&self) -> bool {
+        !self.closed && self.is_own() && self.inner.status().connected()
+    }
+
+    /// The error to give for any use of a connection that cannot serve.
+    pub fn ensure_usable(&self, what: &str) -> Result<()> {
+        if self.closed {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is closed",
+                self.endpoint
+            )));
+        }
+        if !self.is_own() {
+            return Err(Error::connection(format!(
+                "{what} on {}: this connection was opened by the parent process before fork(); \
+                 open a new Connection in the child",
+                self.endpoint
+            )));
+        }
+        if !self.inner.status().connected() {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is lost",
+                self.endpoint
+            )));
+        }
+        Ok(())
+    }
+
+    /// Negotiated maximum frame size, for callers that must refuse oversized headers locally.
+    pub fn frame_max(&self) -> u32 {
+        self.inner.configuration().frame_max()
+    }
+
+    /// The channel for topology commands, reopened when the broker closed the last one.
+    pub(crate) fn command_channel(&mut self, what: &str) -> Result<Channel> {
+        self.ensure_usable(what)?;
+        if let Some(channel) = self.channel.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let context = format!("open a channel on {}", self.endpoint);
+        let channel = runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))?;
+        *self.channel = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Runs one broker command on the command channel with the standard bound and context.
+    pub(crate) fn command<T, F, Fut>(&mut self, what: &str, f: F) -> Result<T>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = lapin::Result<T>>,
+    {
+        let context = format!("{what} on {}", self.endpoint);
+        let channel = self.command_channel(&context)?;
+        runtime::block_on(f(channel), COMMAND_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))
+    }
+
+    /// Closes the connection (bounded wait); idempotent.
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if !self.is_own() || !self.inner.status().connected() {
+            return Ok(());
+        }
+        let context = format!("close the connection to {}", self.endpoint);
+        runtime::block_on(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if !self.is_own() {
+            // Inherited through fork(): the parent still uses this socket.
+            return;
+        }
+        let _ = self.close();
+        // SAFETY: both fields are dropped exactly once, here, and never used again.
+        unsafe {
+            ManuallyDrop::drop(&mut self.channel);
+            ManuallyDrop::drop(&mut self.inner);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::core::error::ErrorKind;
+
+    pub(crate) const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+    pub(crate) fn connect() -> Connection {
+        Connection::open(&[BROKER.to_string()], &ConnectOptions::default()).expect("broker up")
+    }
+
+    #[test]
+    fn connects_reports_and_closes_idempotently() {
+        let mut conn = connect();
+        assert!(conn.is_connected());
+        assert_eq!(conn.endpoint(), "amqp://guest@127.0.0.1:5672/%2F");
+        assert!(conn.frame_max() > 4096);
+        conn.close().expect("close");
+        assert!(!conn.is_connected());
+        conn.close().expect("second close is a no-op");
+        let err = conn.ensure_usable("declare").expect_err("closed");
+        assert_eq!(err.kind(), ErrorKind::Connection);
+    }
+
+    #[test]
+    fn refused_port_is_a_connection_error_naming_the_host() {
+        let uris = ["amqp://guest:guest@127.0.0.1:1/%2f".to_string()];
+        let err = Connection::open(&uris, &ConnectOptions::default())
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        assert!(err.message().contains("127.0.0.1:1"), "{}", err.message());
+        assert!(!err.message().contains("guest:guest"));
+    }
+
+    #[test]
+    fn a_list_falls_through_to_the_first_broker_that_answers() {
+        let uris = [
+            "amqp://guest:guest@127.0.0.1:1/%2f".to_string(),
+            BROKER.to_string(),
+        ];
+        let conn = Connection::open(&uris, &ConnectOptions::default()).expect("second works");
+        assert!(conn.endpoint().contains(":5672"));
+    }
+
+    #[test]
+    fn silent_listener_times_out_within_connect_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let options = ConnectOptions {
+            connect_timeout: Duration::from_millis(500),
+            ..ConnectOptions::default()
+        };
+        let started = std::time::Instant::now();
+        let err = Connection::open(&[format!("amqp://127.0.0.1:{port}")], &options)
+            .err()
+            .expect("silent");
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        assert!(
+            err.message().contains("connect_timeout"),
+            "{}",
+            err.message()
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(listener);
+    }
+
+    #[test]
+    fn wrong_password_is_refused_without_echoing_it() {
+        let uris = ["amqp://guest:not-the-password@127.0.0.1:5672/%2f".to_string()];
+        let err = Connection::open(&uris, &ConnectOptions::default())
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        assert!(
+            err.message().contains("access refused"),
+            "{}",
+            err.message()
+        );
+        assert!(!err.message().contains("not-the-password"));
+    }
+}

@@ -1,0 +1,11 @@
+//! The AMQP core: lapin on one background Tokio runtime, with no PHP types anywhere.
+
+pub mod connection;
+pub mod error;
+pub mod runtime;
+pub mod shortstr;
+pub mod topology;
+pub mod uri;
+
+/// The lapin version this build links, for `php --ri amqp_rs`.
+pub const LAPIN_VERSION: &str = env!("AMQP_RS_LAPIN_VERSION");

@@ -1,0 +1,60 @@
+//! amqp_rs: a RabbitMQ (AMQP 0-9-1) client for PHP. `core` speaks AMQP, `php` speaks Zvals;
+//! this file only registers the module.
+
+pub mod core;
+#[cfg(not(test))]
+mod php;
+
+#[cfg(not(test))]
+mod module {
+    use crate::php::{arginfo, connection, exceptions};
+    use ext_php_rs::prelude::*;
+    use ext_php_rs::zend::ModuleEntry;
+    use ext_php_rs::{info_table_end, info_table_row, info_table_start};
+    use std::panic::catch_unwind;
+
+    /// `php --ri amqp_rs`: versions and the runtime's state, never a connection's secrets.
+    pub extern "C" fn module_info(_module: *mut ModuleEntry) {
+        // A panic must not cross into the engine: this hook is raw `extern "C"`.
+        let _ = catch_unwind(|| {
+            let rt = crate::core::runtime::info();
+            let state = if rt.started {
+                format!(
+                    "running (pid {}, {} worker threads, generation {})",
+                    std::process::id(),
+                    rt.workers,
+                    rt.generation
+                )
+            } else if rt.generation > 0 {
+                "not started in this process (inherited from the parent before fork)".to_string()
+            } else {
+                "not started (starts with the first connection)".to_string()
+            };
+            info_table_start!();
+            info_table_row!("amqp_rs support", "enabled");
+            info_table_row!("version", env!("CARGO_PKG_VERSION"));
+            info_table_row!("lapin version", crate::core::LAPIN_VERSION);
+            info_table_row!("runtime", state.as_str());
+            info_table_end!();
+        });
+    }
+
+    extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
+        let _ = catch_unwind(arginfo::declare_union_types);
+        0
+    }
+
+    #[php_module]
+    pub fn get_module(module: ModuleBuilder) -> ModuleBuilder {
+        module
+            .name("amqp_rs")
+            .class::<exceptions::AmqpException>()
+            .class::<exceptions::ConnectionException>()
+            .class::<exceptions::ChannelException>()
+            .class::<exceptions::TimeoutException>()
+            .class::<exceptions::PublishException>()
+            .class::<connection::Connection>()
+            .info_function(module_info)
+            .request_startup_function(request_startup)
+    }
+}

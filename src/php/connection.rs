@@ -1,0 +1,287 @@
+//! `AmqpRs\Connection`: converts PHP arguments and delegates to `core::connection` and
+//! `core::topology`.
+
+// PHP parameter names are camelCase (`$routingKey`) and Reflection shows them as written.
+#![allow(non_snake_case)]
+
+use crate::core::connection::{ConnectOptions, Connection as CoreConnection, TlsOptions};
+use crate::core::topology::{ExchangeSpec, QueueSpec};
+use crate::php::convert::{to_field_table, type_name, Options, PhpArray};
+use crate::php::exceptions::{guard, invalid_argument, type_error};
+use ext_php_rs::boxed::ZBox;
+use ext_php_rs::convert::{FromZval, StubLiteral};
+use ext_php_rs::exception::PhpResult;
+use ext_php_rs::flags::DataType;
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendHashTable, Zval};
+use std::time::Duration;
+
+/// The broker a `new Connection()` without arguments talks to.
+pub const DEFAULT_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The `string|array $uri` parameter: one URI or a list tried in order.
+///
+/// Reflection shows the union because `arginfo` patches the declared type after startup.
+pub enum UriArg<'a> {
+    /// Omitted: `DEFAULT_URI`.
+    Default,
+    /// Whatever the caller passed, checked in `uris()` for a precise TypeError.
+    Given(&'a Zval),
+}
+
+impl<'a> FromZval<'a> for UriArg<'a> {
+    const TYPE: DataType = DataType::Mixed;
+
+    fn from_zval(zval: &'a Zval) -> Option<Self> {
+        Some(UriArg::Given(zval))
+    }
+}
+
+impl StubLiteral for UriArg<'_> {
+    fn stub_literal(&self) -> String {
+        DEFAULT_URI.stub_literal()
+    }
+}
+
+impl UriArg<'_> {
+    fn uris(&self) -> PhpResult<Vec<String>> {
+        let zval = match self {
+            UriArg::Default => return Ok(vec![DEFAULT_URI.to_string()]),
+            UriArg::Given(z) => z.dereference(),
+        };
+        let must_be = |got: &Zval| {
+            type_error(format!(
+                "AmqpRs\\Connection::__construct(): Argument #1 ($uri) must be of type string|array, {} given",
+                type_name(got)
+            ))
+        };
+        if let Some(s) = zval.str() {
+            return Ok(vec![s.to_string()]);
+        }
+        let list = zval.array().ok_or_else(|| must_be(zval))?;
+        if list.is_empty() {
+            return Err(invalid_argument(
+                "AmqpRs\\Connection::__construct(): the list of URIs is empty",
+            ));
+        }
+        list.values()
+            .enumerate()
+            .map(|(i, v)| {
+                v.dereference().str().map(str::to_string).ok_or_else(|| {
+                    type_error(format!(
+                        "AmqpRs\\Connection::__construct(): URI #{i} of the list must be of type string, {} given",
+                        type_name(v)
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+fn connect_options(options: &PhpArray<'_>) -> PhpResult<ConnectOptions> {
+    let ctx = "Connection options";
+    let opts = Options::new(
+        options.table(),
+        &["heartbeat", "connect_timeout", "name", "reconnect", "tls"],
+        ctx,
+    )?;
+    let defaults = ConnectOptions::default();
+    let timeout = opts.float("connect_timeout", defaults.connect_timeout.as_secs_f64())?;
+    if !(timeout > 0.0 && timeout <= 3600.0) {
+        return Err(invalid_argument(format!(
+            "{ctx}: option 'connect_timeout' must be a number of seconds in (0, 3600], got {timeout}"
+        )));
+    }
+    Ok(ConnectOptions {
+        heartbeat: opts.int_in("heartbeat", i64::from(defaults.heartbeat), 0..=65535)? as u16,
+        connect_timeout: Duration::from_secs_f64(timeout),
+        name: opts.string("name")?,
+        reconnect: opts.bool("reconnect", defaults.reconnect)?,
+        tls: tls_options(opts.array("tls")?)?,
+    })
+}
+
+fn tls_options(tls: Option<&ZendHashTable>) -> PhpResult<TlsOptions> {
+    let opts = Options::new(
+        tls,
+        &["cafile", "certfile", "keyfile", "verify"],
+        "Connection option 'tls'",
+    )?;
+    Ok(TlsOptions {
+        cafile: opts.string("cafile")?,
+        certfile: opts.string("certfile")?,
+        keyfile: opts.string("keyfile")?,
+        verify: opts.bool("verify", true)?,
+    })
+}
+
+/// A connection to RabbitMQ, opened in the constructor.
+#[php_class]
+#[php(name = "AmqpRs\\Connection")]
+#[php(flags = ext_php_rs::flags::ClassFlags::Final)]
+pub struct Connection {
+    inner: CoreConnection,
+}
+
+#[php_impl]
+#[allow(non_snake_case)]
+impl Connection {
+    /// Connects to the first broker of `$uri` (one URI or a list) that answers.
+    #[php(defaults(uri = UriArg::Default, options = PhpArray::EMPTY))]
+    pub fn __construct(uri: UriArg<'_>, options: PhpArray<'_>) -> PhpResult<Self> {
+        guard("AmqpRs\\Connection::__construct()", || {
+            let uris = uri.uris()?;
+            let options = connect_options(&options)?;
+            let inner = CoreConnection::open(&uris, &options)?;
+            Ok(Self { inner })
+        })
+    }
+
+    /// Whether the connection is open and usable.
+    pub fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    /// Closes the connection; calling it again does nothing.
+    pub fn close(&mut self) -> PhpResult<()> {
+        guard("AmqpRs\\Connection::close()", || Ok(self.inner.close()?))
+    }
+
+    /// Declares an exchange (`passive` only checks that it exists).
+    #[php(defaults(r#type = "\"direct\"", options = PhpArray::EMPTY))]
+    pub fn declare_exchange(
+        &mut self,
+        name: &str,
+        r#type: &str,
+        options: PhpArray<'_>,
+    ) -> PhpResult<()> {
+        guard("AmqpRs\\Connection::declareExchange()", || {
+            let opts = Options::new(
+                options.table(),
+                &["durable", "auto_delete", "internal", "passive", "arguments"],
+                "declareExchange options",
+            )?;
+            let spec = ExchangeSpec {
+                durable: opts.bool("durable", true)?,
+                auto_delete: opts.bool("auto_delete", false)?,
+                internal: opts.bool("internal", false)?,
+                passive: opts.bool("passive", false)?,
+                arguments: opts.field_table("arguments")?,
+            };
+            if r#type.is_empty() {
+                return Err(invalid_argument(
+                    "declareExchange: the exchange type is empty",
+                ));
+            }
+            Ok(self.inner.declare_exchange(name, r#type, spec)?)
+        })
+    }
+
+    /// Declares a queue and returns its name ('' lets the broker choose one).
+    #[php(defaults(name = "\"\"", options = PhpArray::EMPTY))]
+    pub fn declare_queue(&mut self, name: &str, options: PhpArray<'_>) -> PhpResult<String> {
+        guard("AmqpRs\\Connection::declareQueue()", || {
+            let opts = Options::new(
+                options.table(),
+                &[
+                    "durable",
+                    "exclusive",
+                    "auto_delete",
+                    "passive",
+                    "arguments",
+                ],
+                "declareQueue options",
+            )?;
+            let spec = QueueSpec {
+                durable: opts.bool("durable", true)?,
+                exclusive: opts.bool("exclusive", false)?,
+                auto_delete: opts.bool("auto_delete", false)?,
+                passive: opts.bool("passive", false)?,
+                arguments: opts.field_table("arguments")?,
+            };
+            Ok(self.inner.declare_queue(name, spec)?.name)
+        })
+    }
+
+    /// Binds a queue to an exchange.
+    #[php(defaults(routingKey = "\"\"", arguments = PhpArray::EMPTY))]
+    pub fn bind_queue(
+        &mut self,
+        queue: &str,
+        exchange: &str,
+        routingKey: &str,
+        arguments: PhpArray<'_>,
+    ) -> PhpResult<()> {
+        guard("AmqpRs\\Connection::bindQueue()", || {
+            let args = binding_arguments(&arguments, "bindQueue arguments")?;
+            Ok(self.inner.bind_queue(queue, exchange, routingKey, args)?)
+        })
+    }
+
+    /// Removes a binding.
+    #[php(defaults(routingKey = "\"\"", arguments = PhpArray::EMPTY))]
+    pub fn unbind_queue(
+        &mut self,
+        queue: &str,
+        exchange: &str,
+        routingKey: &str,
+        arguments: PhpArray<'_>,
+    ) -> PhpResult<()> {
+        guard("AmqpRs\\Connection::unbindQueue()", || {
+            let args = binding_arguments(&arguments, "unbindQueue arguments")?;
+            Ok(self.inner.unbind_queue(queue, exchange, routingKey, args)?)
+        })
+    }
+
+    /// Deletes a queue; returns how many messages were deleted with it.
+    #[php(defaults(options = PhpArray::EMPTY))]
+    pub fn delete_queue(&mut self, name: &str, options: PhpArray<'_>) -> PhpResult<i64> {
+        guard("AmqpRs\\Connection::deleteQueue()", || {
+            let opts = Options::new(
+                options.table(),
+                &["if_unused", "if_empty"],
+                "deleteQueue options",
+            )?;
+            let if_unused = opts.bool("if_unused", false)?;
+            let if_empty = opts.bool("if_empty", false)?;
+            Ok(i64::from(
+                self.inner.delete_queue(name, if_unused, if_empty)?,
+            ))
+        })
+    }
+
+    /// Deletes an exchange.
+    #[php(defaults(options = PhpArray::EMPTY))]
+    pub fn delete_exchange(&mut self, name: &str, options: PhpArray<'_>) -> PhpResult<()> {
+        guard("AmqpRs\\Connection::deleteExchange()", || {
+            let opts = Options::new(options.table(), &["if_unused"], "deleteExchange options")?;
+            let if_unused = opts.bool("if_unused", false)?;
+            Ok(self.inner.delete_exchange(name, if_unused)?)
+        })
+    }
+
+    /// Removes all ready messages of a queue; returns how many.
+    pub fn purge_queue(&mut self, name: &str) -> PhpResult<i64> {
+        guard("AmqpRs\\Connection::purgeQueue()", || {
+            Ok(i64::from(self.inner.purge_queue(name)?))
+        })
+    }
+
+    /// `['messages' => int, 'consumers' => int]` of an existing queue.
+    pub fn queue_status(&mut self, name: &str) -> PhpResult<ZBox<ZendHashTable>> {
+        guard("AmqpRs\\Connection::queueStatus()", || {
+            let state = self.inner.queue_status(name)?;
+            let mut out = ZendHashTable::new();
+            out.insert("messages", i64::from(state.messages))?;
+            out.insert("consumers", i64::from(state.consumers))?;
+            Ok(out)
+        })
+    }
+}
+
+fn binding_arguments(arguments: &PhpArray<'_>, path: &str) -> PhpResult<lapin::types::FieldTable> {
+    match arguments.table() {
+        None => Ok(lapin::types::FieldTable::default()),
+        Some(table) => to_field_table(table, path),
+    }
+}

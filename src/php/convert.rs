@@ -1,0 +1,253 @@
+//! Every conversion from PHP values: option arrays, and PHP arrays to AMQP field tables.
+
+use crate::php::exceptions::{invalid_argument, type_error};
+use ext_php_rs::convert::{FromZval, StubLiteral};
+use ext_php_rs::exception::PhpResult;
+use ext_php_rs::flags::DataType;
+use ext_php_rs::types::{ArrayKey, ZendHashTable, Zval};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+
+/// An `array $x = []` parameter: a borrowed PHP array, or none when the caller omitted it.
+///
+/// ext-php-rs cannot default a `&ZendHashTable` parameter; this type gives Reflection the
+/// `array` type with the `[]` default the contract promises.
+#[derive(Clone, Copy, Default)]
+pub struct PhpArray<'a>(Option<&'a ZendHashTable>);
+
+impl PhpArray<'_> {
+    /// The omitted-argument value, `[]`.
+    pub const EMPTY: PhpArray<'static> = PhpArray(None);
+
+    /// The array's entries, none when omitted.
+    pub fn table(&self) -> Option<&ZendHashTable> {
+        self.0
+    }
+}
+
+impl<'a> FromZval<'a> for PhpArray<'a> {
+    const TYPE: DataType = DataType::Array;
+
+    fn from_zval(zval: &'a Zval) -> Option<Self> {
+        zval.array().map(|a| PhpArray(Some(a)))
+    }
+}
+
+impl StubLiteral for PhpArray<'_> {
+    fn stub_literal(&self) -> String {
+        "[]".to_string()
+    }
+}
+
+/// The PHP type name of a value, as PHP's own TypeErrors spell it.
+pub fn type_name(zval: &Zval) -> &'static str {
+    let zval = zval.dereference();
+    if zval.is_null() {
+        "null"
+    } else if zval.is_bool() {
+        "bool"
+    } else if zval.is_long() {
+        "int"
+    } else if zval.is_double() {
+        "float"
+    } else if zval.is_string() {
+        "string"
+    } else if zval.is_array() {
+        "array"
+    } else if zval.is_object() {
+        "object"
+    } else if zval.is_resource() {
+        "resource"
+    } else {
+        "unknown"
+    }
+}
+
+fn key_name(key: &ArrayKey<'_>) -> String {
+    match key {
+        ArrayKey::Long(i) => i.to_string(),
+        ArrayKey::String(s) => s.clone(),
+        ArrayKey::Str(s) => (*s).to_string(),
+        ArrayKey::ZendString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+    }
+}
+
+/// Reads an options array: rejects unknown keys up front, then hands out typed values.
+pub struct Options<'a> {
+    entries: Vec<(String, &'a Zval)>,
+    context: &'a str,
+}
+
+impl<'a> Options<'a> {
+    /// Checks every key of `array` against `allowed`; `context` names the call in errors
+    /// ("Connection options").
+    pub fn new(
+        array: Option<&'a ZendHashTable>,
+        allowed: &[&str],
+        context: &'a str,
+    ) -> PhpResult<Self> {
+        let mut entries = Vec::new();
+        if let Some(array) = array {
+            for (key, value) in array.iter() {
+                let name = key_name(&key);
+                if !allowed.contains(&name.as_str()) {
+                    return Err(invalid_argument(format!(
+                        "{context}: unknown option '{name}'; known options are: {}",
+                        allowed.join(", ")
+                    )));
+                }
+                entries.push((name, value.dereference()));
+            }
+        }
+        Ok(Self { entries, context })
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Zval> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+            .filter(|v| !v.is_null())
+    }
+
+    fn wrong_type(
+        &self,
+        key: &str,
+        expected: &str,
+        got: &Zval,
+    ) -> ext_php_rs::exception::PhpException {
+        type_error(format!(
+            "{}: option '{key}' must be of type {expected}, {} given",
+            self.context,
+            type_name(got)
+        ))
+    }
+
+    /// A bool option; `default` when absent or null.
+    pub fn bool(&self, key: &str, default: bool) -> PhpResult<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.bool().ok_or_else(|| self.wrong_type(key, "bool", v)),
+        }
+    }
+
+    /// An int option; `default` when absent or null.
+    pub fn int(&self, key: &str, default: i64) -> PhpResult<i64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) if v.is_long() => Ok(v.long().unwrap_or(default)),
+            Some(v) => Err(self.wrong_type(key, "int", v)),
+        }
+    }
+
+    /// An int option that must lie in `range`.
+    pub fn int_in(
+        &self,
+        key: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> PhpResult<i64> {
+        let value = self.int(key, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(invalid_argument(format!(
+                "{}: option '{key}' must be between {} and {}, got {value}",
+                self.context,
+                range.start(),
+                range.end()
+            )))
+        }
+    }
+
+    /// A float option (ints accepted); `default` when absent or null.
+    pub fn float(&self, key: &str, default: f64) -> PhpResult<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) if v.is_double() || v.is_long() => Ok(v
+                .double()
+                .or_else(|| v.long().map(|l| l as f64))
+                .unwrap_or(default)),
+            Some(v) => Err(self.wrong_type(key, "float", v)),
+        }
+    }
+
+    /// A string option, `None` when absent or null.
+    pub fn string(&self, key: &str) -> PhpResult<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .str()
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| self.wrong_type(key, "string", v)),
+        }
+    }
+
+    /// An array option, `None` when absent or null.
+    pub fn array(&self, key: &str) -> PhpResult<Option<&'a ZendHashTable>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .array()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, "array", v)),
+        }
+    }
+
+    /// An `arguments` option converted to an AMQP field table.
+    pub fn field_table(&self, key: &str) -> PhpResult<FieldTable> {
+        match self.array(key)? {
+            None => Ok(FieldTable::default()),
+            Some(table) => to_field_table(table, &format!("{} '{key}'", self.context)),
+        }
+    }
+}
+
+/// Converts a PHP array to an AMQP field table; `path` names it in errors.
+///
+/// Keys become shortstr; values: null → void, bool, int → 64-bit signed, float → double,
+/// string → longstr (binary-safe), list → array, other array → nested table.
+pub fn to_field_table(array: &ZendHashTable, path: &str) -> PhpResult<FieldTable> {
+    let mut table = FieldTable::default();
+    for (key, value) in array.iter() {
+        let name = key_name(&key);
+        let key_path = format!("{path}[{name}]");
+        let short = ShortString::try_new(name.clone()).map_err(|_| {
+            invalid_argument(format!("{key_path}: a field name may be at most 255 bytes"))
+        })?;
+        table.insert(short, to_amqp_value(value, &key_path)?);
+    }
+    Ok(table)
+}
+
+/// Converts one PHP value to an AMQP field value; `path` names it in errors.
+pub fn to_amqp_value(zval: &Zval, path: &str) -> PhpResult<AMQPValue> {
+    let zval = zval.dereference();
+    if zval.is_null() {
+        Ok(AMQPValue::Void)
+    } else if let Some(b) = zval.bool() {
+        Ok(AMQPValue::Boolean(b))
+    } else if zval.is_long() {
+        Ok(AMQPValue::LongLongInt(zval.long().unwrap_or_default()))
+    } else if zval.is_double() {
+        Ok(AMQPValue::Double(zval.double().unwrap_or_default()))
+    } else if let Some(s) = zval.zend_str() {
+        Ok(AMQPValue::LongString(LongString::from(
+            s.as_bytes().to_vec(),
+        )))
+    } else if let Some(array) = zval.array() {
+        if array.is_empty() || array.has_sequential_keys() {
+            let mut items = FieldArray::default();
+            for (i, item) in array.values().enumerate() {
+                items.push(to_amqp_value(item, &format!("{path}[{i}]"))?);
+            }
+            Ok(AMQPValue::FieldArray(items))
+        } else {
+            Ok(AMQPValue::FieldTable(to_field_table(array, path)?))
+        }
+    } else {
+        Err(invalid_argument(format!(
+            "{path}: AMQP cannot carry a value of type {}; use null, bool, int, float, string or array",
+            type_name(zval)
+        )))
+    }
+}

@@ -1,0 +1,7 @@
+//! The PHP binding layer: one file per PHP class, conversions in `convert.rs`, errors to
+//! exceptions in `exceptions.rs`. PHP values never reach `crate::core`.
+
+pub mod arginfo;
+pub mod connection;
+pub mod convert;
+pub mod exceptions;
