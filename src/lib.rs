@@ -39,6 +39,14 @@ mod module {
         });
     }
 
+    extern "C" fn startup(_ty: i32, _module_number: i32) -> i32 {
+        // A panic must not unwind into the engine's MINIT.
+        match catch_unwind(exceptions::register) {
+            Ok(Ok(())) => 0,
+            _ => 1,
+        }
+    }
+
     extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
         let _ = catch_unwind(arginfo::declare_union_types);
         0
@@ -48,11 +56,7 @@ mod module {
     pub fn get_module(module: ModuleBuilder) -> ModuleBuilder {
         module
             .name("amqp_rs")
-            .class::<exceptions::AmqpException>()
-            .class::<exceptions::ConnectionException>()
-            .class::<exceptions::ChannelException>()
-            .class::<exceptions::TimeoutException>()
-            .class::<exceptions::PublishException>()
+            .startup_function(startup)
             .class::<connection::Connection>()
             .info_function(module_info)
             .request_startup_function(request_startup)

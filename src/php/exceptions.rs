@@ -2,11 +2,11 @@
 //! a PHP exception.
 
 use crate::core::error::{Error, ErrorKind};
-use ext_php_rs::class::RegisteredClass;
+use ext_php_rs::builders::ClassBuilder;
 use ext_php_rs::exception::{PhpException, PhpResult};
-use ext_php_rs::prelude::*;
 use ext_php_rs::zend::{ce, ClassEntry};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// Finds an SPL class entry exported by the PHP binary (`spl_ce_RuntimeException`...).
 ///
@@ -35,40 +35,78 @@ pub fn invalid_argument_exception() -> &'static ClassEntry {
     spl_class(c"spl_ce_InvalidArgumentException")
 }
 
-/// Base of everything the extension throws.
-#[php_class]
-#[php(name = "AmqpRs\\Exception")]
-#[php(extends(ce = runtime_exception, stub = "\\RuntimeException"))]
-#[derive(Default)]
-pub struct AmqpException;
+/// The extension's exception classes, in registration order (each parent before its children).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExceptionClass {
+    /// `AmqpRs\Exception`: base of everything the extension throws.
+    Base = 0,
+    /// Cannot connect, auth refused, vhost missing, connection lost for good.
+    Connection = 1,
+    /// The broker closed a channel; `getCode()` is the AMQP reply code.
+    Channel = 2,
+    /// A bounded wait ran out.
+    Timeout = 3,
+    /// Nacked or returned messages.
+    #[allow(dead_code)]
+    // registered now so user code can catch it; thrown once the producer lands
+    Publish = 4,
+}
 
-/// Cannot connect, auth refused, vhost missing, connection lost for good.
-#[php_class]
-#[php(name = "AmqpRs\\ConnectionException")]
-#[php(extends(AmqpException))]
-#[derive(Default)]
-pub struct ConnectionException;
+const CLASS_NAMES: [&str; 5] = [
+    "AmqpRs\\Exception",
+    "AmqpRs\\ConnectionException",
+    "AmqpRs\\ChannelException",
+    "AmqpRs\\TimeoutException",
+    "AmqpRs\\PublishException",
+];
 
-/// The broker closed a channel; `getCode()` is the AMQP reply code.
-#[php_class]
-#[php(name = "AmqpRs\\ChannelException")]
-#[php(extends(AmqpException))]
-#[derive(Default)]
-pub struct ChannelException;
+static CLASSES: [AtomicPtr<ClassEntry>; 5] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 5];
 
-/// A bounded wait ran out.
-#[php_class]
-#[php(name = "AmqpRs\\TimeoutException")]
-#[php(extends(AmqpException))]
-#[derive(Default)]
-pub struct TimeoutException;
+impl ExceptionClass {
+    /// The registered class entry; `\RuntimeException` if registration never ran.
+    pub fn ce(self) -> &'static ClassEntry {
+        // SAFETY: the pointer was stored by the engine's registration of a class that lives as
+        // long as the process.
+        unsafe { CLASSES[self as usize].load(Ordering::Acquire).as_ref() }
+            .unwrap_or_else(runtime_exception)
+    }
+}
 
-/// Nacked or returned messages.
-#[php_class]
-#[php(name = "AmqpRs\\PublishException")]
-#[php(extends(AmqpException))]
-#[derive(Default)]
-pub struct PublishException;
+fn base_ce() -> &'static ClassEntry {
+    ExceptionClass::Base.ce()
+}
+
+/// Registers the exception classes at module startup.
+///
+/// They are built by hand, not with `#[php_class]`: a Rust-backed class gets a constructor that
+/// refuses `new` from PHP, while these must inherit `\Exception::__construct()` so user code
+/// can throw and construct them like any other exception.
+pub fn register() -> ext_php_rs::error::Result<()> {
+    fn keep<const I: usize>(ce: &'static mut ClassEntry, _: ext_php_rs::args::ArgInfoTables) {
+        CLASSES[I].store(ce, Ordering::Release);
+    }
+    ClassBuilder::new(CLASS_NAMES[0])
+        .extends((runtime_exception, "\\RuntimeException"))
+        .registration(keep::<0>)
+        .register()?;
+    ClassBuilder::new(CLASS_NAMES[1])
+        .extends((base_ce, CLASS_NAMES[0]))
+        .registration(keep::<1>)
+        .register()?;
+    ClassBuilder::new(CLASS_NAMES[2])
+        .extends((base_ce, CLASS_NAMES[0]))
+        .registration(keep::<2>)
+        .register()?;
+    ClassBuilder::new(CLASS_NAMES[3])
+        .extends((base_ce, CLASS_NAMES[0]))
+        .registration(keep::<3>)
+        .register()?;
+    ClassBuilder::new(CLASS_NAMES[4])
+        .extends((base_ce, CLASS_NAMES[0]))
+        .registration(keep::<4>)
+        .register()?;
+    Ok(())
+}
 
 /// A PHP `TypeError`, for values of the wrong PHP type inside arrays.
 pub fn type_error(message: impl Into<String>) -> PhpException {
@@ -83,11 +121,11 @@ pub fn invalid_argument(message: impl Into<String>) -> PhpException {
 /// The exception class a core error becomes.
 fn class_for(kind: ErrorKind) -> &'static ClassEntry {
     match kind {
-        ErrorKind::Connection => ConnectionException::get_metadata().ce(),
-        ErrorKind::Channel(_) => ChannelException::get_metadata().ce(),
-        ErrorKind::Timeout => TimeoutException::get_metadata().ce(),
+        ErrorKind::Connection => ExceptionClass::Connection.ce(),
+        ErrorKind::Channel(_) => ExceptionClass::Channel.ce(),
+        ErrorKind::Timeout => ExceptionClass::Timeout.ce(),
         ErrorKind::InvalidArgument => invalid_argument_exception(),
-        ErrorKind::Other => AmqpException::get_metadata().ce(),
+        ErrorKind::Other => ExceptionClass::Base.ce(),
     }
 }
 
@@ -115,7 +153,7 @@ pub fn guard<T>(what: &str, body: impl FnOnce() -> PhpResult<T>) -> PhpResult<T>
             Err(PhpException::new(
                 format!("{what}: internal error in amqp_rs: {detail}"),
                 0,
-                AmqpException::get_metadata().ce(),
+                ExceptionClass::Base.ce(),
             ))
         }
     }

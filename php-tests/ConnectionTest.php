@@ -1,0 +1,125 @@
+<?php
+
+declare(strict_types=1);
+
+use AmqpRs\Connection;
+use AmqpRs\Tests\Support\Broker;
+use PHPUnit\Framework\TestCase;
+
+final class ConnectionTest extends TestCase
+{
+    public function testExtensionIsLoadedUnderItsContractName(): void
+    {
+        $this->assertTrue(extension_loaded('amqp_rs'));
+        $this->assertTrue((new ReflectionClass(Connection::class))->isFinal());
+    }
+
+    public function testDefaultUriConnectsToTheLocalBroker(): void
+    {
+        $conn = new Connection();
+        $this->assertTrue($conn->isConnected());
+        $conn->close();
+        $this->assertFalse($conn->isConnected());
+    }
+
+    public function testCloseIsIdempotent(): void
+    {
+        $conn = new Connection(Broker::URI);
+        $conn->close();
+        $conn->close();
+        $this->assertFalse($conn->isConnected());
+    }
+
+    public function testUseAfterCloseRaisesConnectionException(): void
+    {
+        $conn = new Connection(Broker::URI);
+        $conn->close();
+        $this->expectException(AmqpRs\ConnectionException::class);
+        $this->expectExceptionMessage('closed');
+        $conn->declareQueue('', ['exclusive' => true]);
+    }
+
+    public function testUriListFallsThroughToTheFirstBrokerThatAnswers(): void
+    {
+        $conn = new Connection(['amqp://guest:guest@127.0.0.1:1/%2f', Broker::URI]);
+        $this->assertTrue($conn->isConnected());
+        $this->assertNotSame('', $conn->declareQueue('', ['exclusive' => true]));
+    }
+
+    public function testAllBrokersOfTheListFailingNamesEachOfThem(): void
+    {
+        try {
+            new Connection(['amqp://guest:pw1@127.0.0.1:1/%2f', 'amqp://guest:pw2@127.0.0.1:2/%2f']);
+            $this->fail('expected ConnectionException');
+        } catch (AmqpRs\ConnectionException $e) {
+            $this->assertStringContainsString('any of 2 brokers', $e->getMessage());
+            $this->assertStringContainsString('127.0.0.1:1', $e->getMessage());
+            $this->assertStringContainsString('127.0.0.1:2', $e->getMessage());
+            $this->assertStringNotContainsString('pw1', $e->getMessage());
+            $this->assertStringNotContainsString('pw2', $e->getMessage());
+        }
+    }
+
+    public function testNameAndHeartbeatOptionsReachTheBroker(): void
+    {
+        $name = Broker::unique('conn-name');
+        $conn = new Connection(Broker::URI, ['name' => $name, 'heartbeat' => 7, 'connect_timeout' => 2.5]);
+        $rows = Broker::ctl('list_connections', 'timeout', 'client_properties', '-q', '--no-table-headers');
+        $line = null;
+        foreach (explode("\n", $rows) as $row) {
+            if (str_contains($row, $name)) {
+                $line = $row;
+            }
+        }
+        $this->assertNotNull($line, "connection named $name not listed:\n$rows");
+        $this->assertMatchesRegularExpression('/^7\s/', $line);
+        $conn->close();
+    }
+
+    public function testReconnectAndTlsOptionsAreAccepted(): void
+    {
+        // TLS settings only matter for amqps:// URIs; plain ones ignore them.
+        $conn = new Connection(Broker::URI, ['reconnect' => false, 'tls' => ['verify' => true]]);
+        $this->assertTrue($conn->isConnected());
+    }
+
+    public function testHeartbeatZeroAcceptsTheBrokersInterval(): void
+    {
+        // lapin follows the broker's proposal when the client asks for 0; since heartbeats are
+        // kept by the background runtime even while PHP works, there is no reason to turn them off.
+        $name = Broker::unique('broker-heartbeat');
+        $conn = new Connection(Broker::URI, ['name' => $name, 'heartbeat' => 0]);
+        $rows = Broker::ctl('list_connections', 'timeout', 'client_properties', '-q', '--no-table-headers');
+        $found = false;
+        foreach (explode("\n", $rows) as $row) {
+            if (str_contains($row, $name)) {
+                $found = true;
+                $this->assertMatchesRegularExpression('/^60\s/', $row);
+            }
+        }
+        $this->assertTrue($found);
+        $conn->close();
+    }
+
+    public function testVarDumpOfAConnectionShowsNoPassword(): void
+    {
+        $conn = new Connection('amqp://guest:guest@127.0.0.1:5672/%2f');
+        ob_start();
+        var_dump($conn);
+        print_r($conn);
+        var_export($conn);
+        $out = ob_get_clean();
+        $this->assertStringNotContainsString('guest:guest', $out);
+    }
+
+    public function testPhpInfoShowsVersionsAndRuntimeState(): void
+    {
+        new Connection();
+        ob_start();
+        (new ReflectionExtension('amqp_rs'))->info();
+        $info = ob_get_clean();
+        $this->assertStringContainsString('version => 0.', $info);
+        $this->assertMatchesRegularExpression('/lapin version => 4\.\d+\.\d+/', $info);
+        $this->assertMatchesRegularExpression('/runtime => running \(pid ' . getmypid() . ', 2 worker threads/', $info);
+    }
+}

@@ -1,0 +1,53 @@
+<?php
+
+declare(strict_types=1);
+
+namespace AmqpRs\Tests\Support;
+
+use PhpAmqpLib\Connection\AMQPStreamConnection;
+use PhpAmqpLib\Message\AMQPMessage;
+
+/** The test broker, and independent clients to check what amqp_rs did. */
+final class Broker
+{
+    public const URI = 'amqp://guest:guest@127.0.0.1:5672/%2f';
+
+    /** A name no other test or run uses. */
+    public static function unique(string $what): string
+    {
+        return sprintf('amqp_rs.test.%s.%d.%s', $what, getmypid(), bin2hex(random_bytes(4)));
+    }
+
+    /** Publishes with php-amqplib, an independent client, and waits for the confirms. */
+    public static function publishWithAmqplib(string $exchange, string $routingKey, int $count): void
+    {
+        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $ch = $conn->channel();
+        $ch->confirm_select();
+        for ($i = 0; $i < $count; $i++) {
+            $ch->basic_publish(new AMQPMessage("m$i"), $exchange, $routingKey);
+        }
+        $ch->wait_for_pending_acks(5.0);
+        $conn->close();
+    }
+
+    /** Ready messages of a queue, as php-amqplib sees them (passive declare). */
+    public static function countWithAmqplib(string $queue): int
+    {
+        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        [, $messages] = $conn->channel()->queue_declare($queue, true);
+        $conn->close();
+        return (int) $messages;
+    }
+
+    /** Runs rabbitmqctl with its arguments; returns stdout. */
+    public static function ctl(string ...$args): string
+    {
+        $cmd = 'rabbitmqctl ' . implode(' ', array_map('escapeshellarg', $args)) . ' 2>&1';
+        exec($cmd, $out, $code);
+        if ($code !== 0) {
+            throw new \RuntimeException("$cmd failed ($code): " . implode("\n", $out));
+        }
+        return implode("\n", $out);
+    }
+}

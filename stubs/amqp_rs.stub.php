@@ -1,0 +1,83 @@
+<?php
+
+/**
+ * IDE stubs for the amqp_rs extension. A PHPUnit test (php-tests/StubsTest.php) compares this
+ * file with the loaded extension through Reflection, so it cannot drift from the code.
+ *
+ * @generate-class-entries
+ */
+
+namespace AmqpRs;
+
+/** Base of everything the extension throws. */
+class Exception extends \RuntimeException {}
+
+/** Cannot connect, authentication refused, vhost missing, connection lost for good. */
+class ConnectionException extends Exception {}
+
+/** The broker closed a channel; getCode() is the AMQP reply code (404, 406, 403, ...). */
+class ChannelException extends Exception {}
+
+/** A bounded wait ran out. */
+class TimeoutException extends Exception {}
+
+/** Nacked or returned (unroutable) messages. */
+class PublishException extends Exception {}
+
+/**
+ * A connection to RabbitMQ, opened by the constructor (fail fast).
+ */
+final class Connection
+{
+    /**
+     * @param string|list<string> $uri one amqp:// or amqps:// URI, or a list tried in order
+     * @param array{heartbeat?: int, connect_timeout?: float, name?: string, reconnect?: bool,
+     *     tls?: array{cafile?: string, certfile?: string, keyfile?: string, verify?: bool}} $options
+     * @throws ConnectionException when no broker of the list accepts the connection
+     * @throws \InvalidArgumentException on a malformed URI or an unknown option
+     */
+    public function __construct(string|array $uri = 'amqp://guest:guest@127.0.0.1:5672/%2f', array $options = []) {}
+
+    /** Whether the connection is open and usable. */
+    public function isConnected(): bool {}
+
+    /** Closes the connection; calling it again does nothing. */
+    public function close(): void {}
+
+    /**
+     * @param string $type direct, fanout, topic, headers or a plugin's type
+     * @param array{durable?: bool, auto_delete?: bool, internal?: bool, passive?: bool, arguments?: array} $options
+     * @throws ChannelException e.g. 406 when it exists with other settings, 404 with passive
+     */
+    public function declareExchange(string $name, string $type = 'direct', array $options = []): void {}
+
+    /**
+     * @param string $name '' lets the broker choose a name
+     * @param array{durable?: bool, exclusive?: bool, auto_delete?: bool, passive?: bool, arguments?: array} $options
+     * @return string the queue's name
+     * @throws ChannelException e.g. 406 when it exists with other arguments, 404 with passive
+     */
+    public function declareQueue(string $name = '', array $options = []): string {}
+
+    public function bindQueue(string $queue, string $exchange, string $routingKey = '', array $arguments = []): void {}
+
+    public function unbindQueue(string $queue, string $exchange, string $routingKey = '', array $arguments = []): void {}
+
+    /**
+     * @param array{if_unused?: bool, if_empty?: bool} $options
+     * @return int how many messages were deleted with the queue
+     */
+    public function deleteQueue(string $name, array $options = []): int {}
+
+    /** @param array{if_unused?: bool} $options */
+    public function deleteExchange(string $name, array $options = []): void {}
+
+    /** @return int how many messages were removed */
+    public function purgeQueue(string $name): int {}
+
+    /**
+     * @return array{messages: int, consumers: int}
+     * @throws ChannelException 404 when the queue does not exist
+     */
+    public function queueStatus(string $name): array {}
+}
