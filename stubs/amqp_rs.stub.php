@@ -33,6 +33,11 @@ final class Connection
      * @param string|list<string> $uri one amqp:// or amqps:// URI, or a list tried in order
      * @param array{heartbeat?: int, connect_timeout?: float, name?: string, reconnect?: bool,
      *     tls?: array{cafile?: string, certfile?: string, keyfile?: string, verify?: bool}} $options
+     * Options: heartbeat (s, default 30; 0 accepts the broker's interval: heartbeats are kept by a
+     * background thread even while PHP works, so there is no reason to turn them off),
+     * connect_timeout (s, default 5, per broker tried), name (shown in the management UI),
+     * reconnect (default true), tls (cafile, certfile + keyfile for mutual TLS, verify).
+     *
      * @throws ConnectionException when no broker of the list accepts the connection
      * @throws \InvalidArgumentException on a malformed URI or an unknown option
      */

@@ -1,0 +1,45 @@
+<?php
+// make demo: connect, declare a small task-queue topology, show what the broker has, clean up.
+// Later issues grow this into a producer/worker demo.
+
+declare(strict_types=1);
+
+use AmqpRs\Connection;
+
+$uri = getenv('AMQP_URI') ?: 'amqp://guest:guest@127.0.0.1:5672/%2f';
+$conn = new Connection($uri, ['name' => 'amqp_rs demo']);
+printf("connected to %s: %s\n", preg_replace('/:[^:@\/]*@/', '@', $uri), $conn->isConnected() ? 'yes' : 'no');
+
+$conn->declareExchange('demo.tasks', 'topic', ['durable' => false, 'auto_delete' => false]);
+echo "declared exchange demo.tasks (topic)\n";
+
+$queues = [
+    'demo.tasks.images' => 'image.*',
+    'demo.tasks.emails' => 'email.#',
+];
+foreach ($queues as $queue => $pattern) {
+    $conn->declareQueue($queue, ['durable' => false, 'arguments' => ['x-max-length' => 1000]]);
+    $conn->bindQueue($queue, 'demo.tasks', $pattern);
+    echo "declared queue $queue, bound with '$pattern'\n";
+}
+
+$reply = $conn->declareQueue('', ['exclusive' => true, 'durable' => false]);
+echo "declared a server-named reply queue: $reply\n";
+
+try {
+    $conn->declareQueue('demo.tasks.images', ['durable' => false, 'arguments' => ['x-max-length' => 5]]);
+} catch (AmqpRs\ChannelException $e) {
+    printf("redeclaring with other arguments is refused (%d): %s\n", $e->getCode(), $e->getMessage());
+}
+
+foreach (array_keys($queues) as $queue) {
+    $status = $conn->queueStatus($queue);
+    printf("%s: %d messages, %d consumers\n", $queue, $status['messages'], $status['consumers']);
+}
+
+foreach (array_keys($queues) as $queue) {
+    $conn->deleteQueue($queue);
+}
+$conn->deleteExchange('demo.tasks');
+$conn->close();
+echo "cleaned up and closed\n";
