@@ -5,6 +5,9 @@ SO        := target/release/libamqp_rs.so
 PHP       ?= php
 PHP_EXT   := $(PHP) -d extension=$(CURDIR)/$(SO)
 SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs')
+# Where `make install` puts the .so and its ini file (override both to install elsewhere).
+EXTENSION_DIR ?= $(shell php-config --extension-dir 2>/dev/null)
+CONF_DIRS     ?= $(wildcard /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d)
 
 .PHONY: all build deps broker install test test-rust test-php lint demo clean
 
@@ -23,11 +26,10 @@ broker:
 	@scripts/broker.sh
 
 install: $(SO)
-	install -m 0644 $(SO) "$$(php-config --extension-dir)/amqp_rs.so"
-	for dir in /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d; do \
-	  [ -d "$$dir" ] && echo "extension=amqp_rs.so" > "$$dir/30-amqp_rs.ini" || true; \
-	done
-	@echo "installed: php --ri amqp_rs"
+	install -d "$(EXTENSION_DIR)"
+	install -m 0644 $(SO) "$(EXTENSION_DIR)/amqp_rs.so"
+	for dir in $(CONF_DIRS); do echo "extension=amqp_rs.so" > "$$dir/30-amqp_rs.ini"; done
+	@echo "installed $(EXTENSION_DIR)/amqp_rs.so: check with php --ri amqp_rs"
 
 lint:
 	cargo fmt --check

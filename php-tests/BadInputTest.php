@@ -217,4 +217,26 @@ final class BadInputTest extends TestCase
         $this->expectExceptionMessage('the list of URIs is empty');
         new Connection([]);
     }
+
+    public function testUnreadableTlsCaFileIsNamedInTheError(): void
+    {
+        $this->expectException(InvalidArgumentException::class);
+        $this->expectExceptionMessage("cannot read TLS cafile '/nonexistent/ca.pem'");
+        new Connection('amqps://guest:guest@127.0.0.1:5671/%2f', ['tls' => ['cafile' => '/nonexistent/ca.pem']]);
+    }
+
+    public function testClientCertificateWithoutItsKeyIsRejected(): void
+    {
+        $this->expectException(InvalidArgumentException::class);
+        $this->expectExceptionMessage("'certfile' and 'keyfile' go together");
+        new Connection('amqps://guest:guest@127.0.0.1:5671/%2f', ['tls' => ['certfile' => __FILE__]]);
+    }
+
+    public function testTlsAgainstAPlainListenerFailsWithAConnectionException(): void
+    {
+        // 5672 speaks plain AMQP: the TLS handshake cannot succeed.
+        $this->expectException(ConnectionException::class);
+        $this->expectExceptionMessage('cannot connect to amqps://guest@127.0.0.1:5672/');
+        new Connection('amqps://guest:guest@127.0.0.1:5672/%2f', ['connect_timeout' => 2]);
+    }
 }

@@ -122,4 +122,25 @@ final class ConnectionTest extends TestCase
         $this->assertMatchesRegularExpression('/lapin version => 4\.\d+\.\d+/', $info);
         $this->assertMatchesRegularExpression('/runtime => running \(pid ' . getmypid() . ', 2 worker threads/', $info);
     }
+
+    public function testPhpRiShowsTheRuntimeNotStartedBeforeAnyConnection(): void
+    {
+        $cmd = sprintf('%s -d extension=%s --ri amqp_rs 2>&1', PHP_BINARY, escapeshellarg(self::extensionPath()));
+        exec($cmd, $out, $code);
+        $text = implode("\n", $out);
+        $this->assertSame(0, $code, $text);
+        $this->assertStringContainsString('amqp_rs support => enabled', $text);
+        $this->assertStringContainsString('runtime => not started', $text);
+    }
+
+    /** The .so this PHP loaded, from /proc/self/maps. */
+    private static function extensionPath(): string
+    {
+        foreach (file('/proc/self/maps') as $line) {
+            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
+                return $m[1];
+            }
+        }
+        throw new RuntimeException('amqp_rs .so not found in /proc/self/maps');
+    }
 }
