@@ -36,7 +36,10 @@ final class Connection
      * Options: heartbeat (s, default 30; 0 accepts the broker's interval: heartbeats are kept by a
      * background thread even while PHP works, so there is no reason to turn them off),
      * connect_timeout (s, default 5, per broker tried), name (shown in the management UI),
-     * reconnect (default true), tls (cafile, certfile + keyfile for mutual TLS, verify).
+     * reconnect (default true; accepted now, automatic recovery is not implemented yet: a lost
+     * connection raises ConnectionException), tls (cafile: extra trusted CAs in PEM; certfile +
+     * keyfile: PEM client certificate and PKCS#8 key for mutual TLS; verify: only true is
+     * supported, give the broker's CA with cafile instead of turning verification off).
      *
      * @throws ConnectionException when no broker of the list accepts the connection
      * @throws \InvalidArgumentException on a malformed URI or an unknown option
