@@ -7,6 +7,8 @@ use crate::core::uri::{self, Endpoint};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, ConnectionProperties};
 use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a single broker command (declare, bind, delete...) may take before the caller
@@ -59,15 +61,99 @@ impl Default for ConnectOptions {
     }
 }
 
-/// A live connection owned by the PHP thread.
-pub struct Connection {
-    // ManuallyDrop: in a forked child these belong to the parent and must be leaked, not
+/// The AMQP connection itself, shared by a `Connection` and the producers made from it, so
+/// that a producer outliving its PHP `Connection` object keeps working.
+pub(crate) struct Link {
+    // ManuallyDrop: in a forked child this belongs to the parent and must be leaked, not
     // dropped (a drop would queue a connection.close for the parent's socket).
     inner: ManuallyDrop<lapin::Connection>,
-    channel: ManuallyDrop<Option<Channel>>,
     endpoint: String,
     generation: u64,
-    closed: bool,
+    closed: AtomicBool,
+}
+
+impl Link {
+    /// `amqp://user@host:port/vhost`, safe to print.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether this object was made in this process (not inherited through `fork()`).
+    pub(crate) fn is_own(&self) -> bool {
+        runtime::is_current_generation(self.generation)
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.is_own() && self.inner.status().connected()
+    }
+
+    /// The error to give for any use of a connection that cannot serve.
+    pub(crate) fn ensure_usable(&self, what: &str) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is closed",
+                self.endpoint
+            )));
+        }
+        if !self.is_own() {
+            return Err(Error::connection(format!(
+                "{what} on {}: this connection was opened by the parent process before fork(); \
+                 open a new Connection in the child",
+                self.endpoint
+            )));
+        }
+        if !self.inner.status().connected() {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is lost",
+                self.endpoint
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens a new channel; `what` names the purpose in errors.
+    pub(crate) fn open_channel(&self, what: &str) -> Result<Channel> {
+        self.ensure_usable(what)?;
+        let context = format!("open a channel to {what} on {}", self.endpoint);
+        runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))
+    }
+
+    /// Negotiated maximum frame size.
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.inner.configuration().frame_max()
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if !self.is_own() || !self.inner.status().connected() {
+            return Ok(());
+        }
+        let context = format!("close the connection to {}", self.endpoint);
+        runtime::block_on(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if !self.is_own() {
+            // Inherited through fork(): the parent still uses this socket.
+            return;
+        }
+        let _ = self.close();
+        // SAFETY: dropped exactly once, here, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+    }
+}
+
+/// A live connection owned by the PHP thread.
+pub struct Connection {
+    link: Arc<Link>,
+    // Leaked rather than dropped in a forked child, like the link.
+    channel: ManuallyDrop<Option<Channel>>,
 }
 
 fn read_file(path: &str, what: &str) -> Result<Vec<u8>> {
@@ -180,13 +266,16 @@ impl Connection {
                 .and_then(|r| r)
             {
                 Ok(inner) => {
-                    return Ok(Connection {
+                    let link = Link {
                         inner: ManuallyDrop::new(inner),
-                        channel: ManuallyDrop::new(None),
                         endpoint: endpoint.display.clone(),
                         generation,
-                        closed: false,
-                    })
+                        closed: AtomicBool::new(false),
+                    };
+                    return Ok(Connection {
+                        link: Arc::new(link),
+                        channel: ManuallyDrop::new(None),
+                    });
                 }
                 Err(e) => failures.push(e),
             }
@@ -204,46 +293,22 @@ impl Connection {
 
     /// `amqp://user@host:port/vhost` of the broker we are connected to.
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    /// Whether this object was made in this process (not inherited through `fork()`).
-    fn is_own(&self) -> bool {
-        runtime::is_current_generation(self.generation)
+        self.link.endpoint()
     }
 
     /// True while the connection is open and usable from this process.
     pub fn is_connected(&self) -> bool {
-        !self.closed && self.is_own() && self.inner.status().connected()
+        self.link.is_connected()
     }
 
     /// The error to give for any use of a connection that cannot serve.
     pub fn ensure_usable(&self, what: &str) -> Result<()> {
-        if self.closed {
-            return Err(Error::connection(format!(
-                "{what} on {}: the connection is closed",
-                self.endpoint
-            )));
-        }
-        if !self.is_own() {
-            return Err(Error::connection(format!(
-                "{what} on {}: this connection was opened by the parent process before fork(); \
-                 open a new Connection in the child",
-                self.endpoint
-            )));
-        }
-        if !self.inner.status().connected() {
-            return Err(Error::connection(format!(
-                "{what} on {}: the connection is lost",
-                self.endpoint
-            )));
-        }
-        Ok(())
+        self.link.ensure_usable(what)
     }
 
     /// Negotiated maximum frame size, for callers that must refuse oversized headers locally.
     pub fn frame_max(&self) -> u32 {
-        self.inner.configuration().frame_max()
+        self.link.frame_max()
     }
 
     /// The channel for topology commands, reopened when the broker closed the last one.
@@ -254,9 +319,7 @@ impl Connection {
                 return Ok(channel.clone());
             }
         }
-        let context = format!("open a channel on {}", self.endpoint);
-        let channel = runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
-            .map_err(|e| Error::from_lapin(&e, &context))?;
+        let channel = self.link.open_channel("send commands")?;
         *self.channel = Some(channel.clone());
         Ok(channel)
     }
@@ -267,38 +330,24 @@ impl Connection {
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = lapin::Result<T>>,
     {
-        let context = format!("{what} on {}", self.endpoint);
+        let context = format!("{what} on {}", self.endpoint());
         let channel = self.command_channel(&context)?;
         runtime::block_on(f(channel), COMMAND_TIMEOUT, &context)?
             .map_err(|e| Error::from_lapin(&e, &context))
     }
 
-    /// Closes the connection (bounded wait); idempotent.
+    /// Closes the connection (bounded wait) for this object and every producer made from it;
+    /// idempotent.
     pub fn close(&mut self) -> Result<()> {
-        if self.closed {
-            return Ok(());
-        }
-        self.closed = true;
-        if !self.is_own() || !self.inner.status().connected() {
-            return Ok(());
-        }
-        let context = format!("close the connection to {}", self.endpoint);
-        runtime::block_on(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)?
-            .map_err(|e| Error::from_lapin(&e, &context))
+        self.link.close()
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if !self.is_own() {
-            // Inherited through fork(): the parent still uses this socket.
-            return;
-        }
-        let _ = self.close();
-        // SAFETY: both fields are dropped exactly once, here, and never used again.
-        unsafe {
-            ManuallyDrop::drop(&mut self.channel);
-            ManuallyDrop::drop(&mut self.inner);
+        if self.link.is_own() {
+            // SAFETY: dropped exactly once, here, and never used again.
+            unsafe { ManuallyDrop::drop(&mut self.channel) };
         }
     }
 }
