@@ -7,7 +7,7 @@ mod php;
 
 #[cfg(not(test))]
 mod module {
-    use crate::php::{arginfo, connection, exceptions};
+    use crate::php::{arginfo, connection, exceptions, producer};
     use ext_php_rs::prelude::*;
     use ext_php_rs::zend::ModuleEntry;
     use ext_php_rs::{info_table_end, info_table_row, info_table_start};
@@ -48,7 +48,7 @@ mod module {
     }
 
     extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
-        let _ = catch_unwind(arginfo::declare_union_types);
+        let _ = catch_unwind(arginfo::fix_signatures);
         0
     }
 
@@ -57,6 +57,7 @@ mod module {
         module
             .name("amqp_rs")
             .startup_function(startup)
+            .class::<producer::Producer>()
             .class::<connection::Connection>()
             .info_function(module_info)
             .request_startup_function(request_startup)

@@ -22,7 +22,17 @@ class ChannelException extends Exception {}
 class TimeoutException extends Exception {}
 
 /** Nacked or returned (unroutable) messages. */
-class PublishException extends Exception {}
+class PublishException extends Exception
+{
+    /**
+     * The messages the broker did not take, oldest first.
+     *
+     * @return list<array{exchange: string, routing_key: string, message_id: ?string,
+     *     reply_code: int, reason: string}> reply_code is 312 (NO_ROUTE) for a returned message,
+     *     0 for a nack
+     */
+    public function getFailures(): array {}
+}
 
 /**
  * A connection to RabbitMQ, opened by the constructor (fail fast).
@@ -49,7 +59,14 @@ final class Connection
     /** Whether the connection is open and usable. */
     public function isConnected(): bool {}
 
-    /** Closes the connection; calling it again does nothing. */
+    /**
+     * Waits (at most 5 s) for the confirms of every producer of this connection, then closes
+     * it; calling it again does nothing.
+     *
+     * @throws PublishException when messages were nacked, returned or left unconfirmed
+     * @throws ChannelException when the broker closed a producer's channel (e.g. 404 for a
+     *     missing exchange)
+     */
     public function close(): void {}
 
     /**
@@ -84,8 +101,55 @@ final class Connection
     public function purgeQueue(string $name): int {}
 
     /**
+     * A producer on its own channel of this connection; it keeps the connection open while
+     * it lives.
+     *
+     * @param array{confirms?: bool, mandatory?: bool} $options confirms (default true):
+     *     publisher confirms, pipelined; mandatory (default false): unroutable messages come
+     *     back as failures
+     */
+    public function producer(array $options = []): Producer {}
+
+    /**
      * @return array{messages: int, consumers: int}
      * @throws ChannelException 404 when the queue does not exist
      */
     public function queueStatus(string $name): array {}
+}
+
+/**
+ * Publishes messages on its own channel. With confirms (the default) publish() does not wait
+ * for the broker: waitForConfirms() collects the outcome of everything published so far.
+ * Nothing is dropped silently: a failure is reported by waitForConfirms(), or at the latest by
+ * Connection::close(), or as an E_WARNING when the producer is destroyed with failures pending.
+ */
+final class Producer
+{
+    /** Producers are made by Connection::producer(). */
+    private function __construct() {}
+
+    /**
+     * @param string $body any bytes
+     * @param array{content_type?: string, content_encoding?: string, headers?: array,
+     *     delivery_mode?: int, priority?: int, correlation_id?: string, reply_to?: string,
+     *     expiration?: string|int, message_id?: string, timestamp?: int, type?: string,
+     *     user_id?: string, app_id?: string} $properties delivery_mode defaults to 2 (persistent);
+     *     headers may nest lists and tables of strings, ints, floats, bools and null
+     * @throws ChannelException when the broker closed the channel after an earlier publish
+     *     (raised once; the next publish opens a new channel)
+     * @throws \InvalidArgumentException for an unknown property or a header AMQP cannot carry
+     */
+    public function publish(string $body, string $routingKey = '', string $exchange = '', array $properties = []): void {}
+
+    /**
+     * Waits until every publish so far is confirmed.
+     *
+     * @throws PublishException listing the nacked and returned messages
+     * @throws ChannelException when the broker closed the channel (e.g. 404, missing exchange)
+     * @throws TimeoutException when confirms are still missing after $timeout seconds
+     */
+    public function waitForConfirms(float $timeout = 30.0): void {}
+
+    /** Publishes the broker has not confirmed yet. */
+    public function pendingConfirms(): int {}
 }

@@ -1,14 +1,15 @@
 //! One AMQP connection to the first broker of a list that answers, and the channel that
 //! carries its topology commands.
 
-use crate::core::error::{Error, Result};
+use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::producer::{Producer, ProducerOptions};
 use crate::core::runtime;
 use crate::core::uri::{self, Endpoint};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, ConnectionProperties};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// How long a single broker command (declare, bind, delete...) may take before the caller
@@ -64,6 +65,8 @@ impl Default for ConnectOptions {
 /// The AMQP connection itself, shared by a `Connection` and the producers made from it, so
 /// that a producer outliving its PHP `Connection` object keeps working.
 pub(crate) struct Link {
+    /// Producers made from this connection, so `close()` can wait for their confirms.
+    producers: Mutex<Vec<Weak<Mutex<Producer>>>>,
     // ManuallyDrop: in a forked child this belongs to the parent and must be leaked, not
     // dropped (a drop would queue a connection.close for the parent's socket).
     inner: ManuallyDrop<lapin::Connection>,
@@ -267,6 +270,7 @@ impl Connection {
             {
                 Ok(inner) => {
                     let link = Link {
+                        producers: Mutex::new(Vec::new()),
                         inner: ManuallyDrop::new(inner),
                         endpoint: endpoint.display.clone(),
                         generation,
@@ -336,10 +340,60 @@ impl Connection {
             .map_err(|e| Error::from_lapin(&e, &context))
     }
 
-    /// Closes the connection (bounded wait) for this object and every producer made from it;
-    /// idempotent.
+    /// A producer on its own channel; it shares this connection and keeps it open.
+    pub fn producer(&mut self, options: ProducerOptions) -> Result<Arc<Mutex<Producer>>> {
+        let producer = Arc::new(Mutex::new(Producer::new(self.link.clone(), options)?));
+        let mut producers = self
+            .link
+            .producers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        producers.retain(|p| p.strong_count() > 0);
+        producers.push(Arc::downgrade(&producer));
+        Ok(producer)
+    }
+
+    /// Waits (bounded) for the confirms of every producer made from this connection, then
+    /// closes it for all of them; idempotent. Messages that were nacked, returned or never
+    /// confirmed come back as one `Publish` error, after the connection is closed.
     pub fn close(&mut self) -> Result<()> {
-        self.link.close()
+        let producers: Vec<_> = {
+            let list = self
+                .link
+                .producers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut failures = Vec::new();
+        let mut unconfirmed = 0;
+        let mut channel_error = None;
+        if self.link.is_connected() {
+            for producer in producers {
+                let mut producer = producer.lock().unwrap_or_else(|p| p.into_inner());
+                match producer.wait_for_confirms(CLOSE_TIMEOUT) {
+                    Ok(mut failed) => failures.append(&mut failed),
+                    Err(e) if e.kind() == ErrorKind::Timeout => unconfirmed += producer.pending(),
+                    Err(e) => channel_error = channel_error.or(Some(e)),
+                }
+            }
+        }
+        self.link.close()?;
+        if let Some(err) = channel_error {
+            return Err(err);
+        }
+        let what = format!("close the connection to {}", self.endpoint());
+        if unconfirmed > 0 {
+            let what = format!(
+                "{what}: {unconfirmed} publishes were still unconfirmed after {} s",
+                CLOSE_TIMEOUT.as_secs()
+            );
+            return Err(Error::publish(&what, failures));
+        }
+        if !failures.is_empty() {
+            return Err(Error::publish(&what, failures));
+        }
+        Ok(())
     }
 }
 

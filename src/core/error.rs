@@ -1,6 +1,7 @@
 //! Typed errors of the core. They stay values until `src/php/exceptions.rs` turns them into
 //! PHP exceptions; every message names what was being done and with what, never a password.
 
+use crate::core::producer::Failure;
 use lapin::protocol::AMQPErrorKind;
 use std::fmt;
 
@@ -13,6 +14,8 @@ pub enum ErrorKind {
     Channel(u16),
     /// A bounded wait ran out.
     Timeout,
+    /// Published messages were nacked, returned or lost; `Error::failures()` lists them.
+    Publish,
     /// The caller gave a value the extension cannot use.
     InvalidArgument,
     /// Anything else: a bug, a panic, an unexpected state.
@@ -24,6 +27,7 @@ pub enum ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    failures: Vec<Failure>,
 }
 
 /// Result with the core's error.
@@ -35,7 +39,31 @@ impl Error {
         Self {
             kind,
             message: message.into(),
+            failures: Vec::new(),
         }
+    }
+
+    /// Messages the broker did not take, as one error; `what` names the operation.
+    pub fn publish(what: &str, failures: Vec<Failure>) -> Self {
+        let first = failures
+            .first()
+            .map(|f| {
+                format!(
+                    "; first: exchange '{}', routing key '{}': {}",
+                    f.exchange, f.routing_key, f.reason
+                )
+            })
+            .unwrap_or_default();
+        Self {
+            kind: ErrorKind::Publish,
+            message: format!("{what}: {} messages failed{first}", failures.len()),
+            failures,
+        }
+    }
+
+    /// The failed messages of a `Publish` error.
+    pub fn failures(&self) -> &[Failure] {
+        &self.failures
     }
 
     /// A connection-level failure.

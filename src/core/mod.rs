@@ -2,6 +2,7 @@
 
 pub mod connection;
 pub mod error;
+pub mod producer;
 pub mod runtime;
 pub mod shortstr;
 pub mod topology;

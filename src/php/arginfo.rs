@@ -1,8 +1,8 @@
-//! Union parameter types that ext-php-rs cannot declare (`string|array $uri`).
-//!
-//! Such a parameter is declared `mixed` by the macros and checked by hand; once the classes
-//! are registered we widen its arg-info mask, so Reflection, IDE stubs and named arguments
-//! see the real union.
+//! Signatures ext-php-rs cannot declare, fixed once the classes are registered:
+//! - union parameter types (`string|array $uri`): the macros declare `mixed` and the method
+//!   checks by hand; we narrow the arg-info mask so Reflection and IDEs see the union;
+//! - private constructors: a class made only by a factory (`Connection::producer()`) gets a
+//!   public `__construct()` that throws; we make it private, as PHP's own such classes are.
 
 use ext_php_rs::ffi::{zend_function, zend_hash_str_find_ptr_lc};
 use ext_php_rs::zend::ClassEntry;
@@ -19,24 +19,38 @@ const UNIONS: &[(&str, &str, usize, u32)] = &[(
     MAY_BE_STRING | MAY_BE_ARRAY,
 )];
 
+/// Classes whose objects only factories make.
+const FACTORY_MADE: &[&str] = &["AmqpRs\\Producer"];
+
+const ZEND_ACC_PUBLIC: u32 = 1 << 0;
+const ZEND_ACC_PRIVATE: u32 = 1 << 2;
+
 static DONE: AtomicBool = AtomicBool::new(false);
 
-/// Applies `UNIONS` once per process; called at request startup, when classes exist.
-pub fn declare_union_types() {
+/// The method `name` (lower case) of `ce`, if registered.
+///
+/// # Safety
+/// Call on the PHP thread after the class is registered.
+unsafe fn method(ce: &ClassEntry, name: &str) -> Option<&'static mut zend_function> {
+    let func = zend_hash_str_find_ptr_lc(&ce.function_table, name.as_ptr().cast(), name.len())
+        as *mut zend_function;
+    func.as_mut()
+}
+
+/// Applies `UNIONS` and `FACTORY_MADE` once per process; called at request startup, when
+/// classes exist.
+pub fn fix_signatures() {
     if DONE.swap(true, Ordering::SeqCst) {
         return;
     }
-    for &(class, method, position, mask) in UNIONS {
+    for &(class, name, position, mask) in UNIONS {
         let Some(ce) = ClassEntry::try_find(class) else {
             continue;
         };
         // SAFETY: the method was registered by this module; its arg-info array was built by
         // ext-php-rs with at least `num_args` entries and is not shared with other functions.
         unsafe {
-            let func =
-                zend_hash_str_find_ptr_lc(&ce.function_table, method.as_ptr().cast(), method.len())
-                    as *mut zend_function;
-            let Some(func) = func.as_mut() else {
+            let Some(func) = method(ce, name) else {
                 continue;
             };
             let internal = &mut func.internal_function;
@@ -44,6 +58,17 @@ pub fn declare_union_types() {
                 let arg = &mut *internal.arg_info.add(position);
                 arg.type_.ptr = std::ptr::null_mut();
                 arg.type_.type_mask = mask;
+            }
+        }
+    }
+    for class in FACTORY_MADE {
+        let Some(ce) = ClassEntry::try_find(class) else {
+            continue;
+        };
+        // SAFETY: as above; fn_flags is a plain bit set of the registered method.
+        unsafe {
+            if let Some(ctor) = method(ce, "__construct") {
+                ctor.common.fn_flags = (ctor.common.fn_flags & !ZEND_ACC_PUBLIC) | ZEND_ACC_PRIVATE;
             }
         }
     }

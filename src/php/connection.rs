@@ -5,9 +5,11 @@
 #![allow(non_snake_case)]
 
 use crate::core::connection::{ConnectOptions, Connection as CoreConnection, TlsOptions};
+use crate::core::producer::ProducerOptions;
 use crate::core::topology::{ExchangeSpec, QueueSpec};
 use crate::php::convert::{to_field_table, type_name, Options, PhpArray};
 use crate::php::exceptions::{guard, invalid_argument, type_error};
+use crate::php::producer::Producer;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::convert::{FromZval, StubLiteral};
 use ext_php_rs::exception::PhpResult;
@@ -264,6 +266,24 @@ impl Connection {
     pub fn purge_queue(&mut self, name: &str) -> PhpResult<i64> {
         guard("AmqpRs\\Connection::purgeQueue()", || {
             Ok(i64::from(self.inner.purge_queue(name)?))
+        })
+    }
+
+    /// A producer on its own channel: `confirms` (default true), `mandatory` (default false).
+    #[php(defaults(options = PhpArray::EMPTY))]
+    pub fn producer(&mut self, options: PhpArray<'_>) -> PhpResult<Producer> {
+        guard("AmqpRs\\Connection::producer()", || {
+            let opts = Options::new(
+                options.table(),
+                &["confirms", "mandatory"],
+                "producer options",
+            )?;
+            let defaults = ProducerOptions::default();
+            let options = ProducerOptions {
+                confirms: opts.bool("confirms", defaults.confirms)?,
+                mandatory: opts.bool("mandatory", defaults.mandatory)?,
+            };
+            Ok(Producer::new(self.inner.producer(options)?))
         })
     }
 

@@ -101,7 +101,7 @@ impl<'a> Options<'a> {
         Ok(Self { entries, context })
     }
 
-    fn get(&self, key: &str) -> Option<&'a Zval> {
+    pub fn get(&self, key: &str) -> Option<&'a Zval> {
         self.entries
             .iter()
             .find(|(k, _)| k == key)
@@ -250,4 +250,88 @@ pub fn to_amqp_value(zval: &Zval, path: &str) -> PhpResult<AMQPValue> {
             type_name(zval)
         )))
     }
+}
+
+/// The AMQP basic properties a `properties` array may set.
+pub const PROPERTY_KEYS: &[&str] = &[
+    "content_type",
+    "content_encoding",
+    "headers",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+];
+
+/// Converts a `properties` array to AMQP basic properties; `delivery_mode` defaults to 2
+/// (persistent). Unknown keys raise `\InvalidArgumentException`, wrong types `TypeError`.
+pub fn to_properties(array: Option<&ZendHashTable>) -> PhpResult<lapin::BasicProperties> {
+    let ctx = "message properties";
+    let opts = Options::new(array, PROPERTY_KEYS, ctx)?;
+    let short = |key: &str| -> PhpResult<Option<ShortString>> {
+        match opts.string(key)? {
+            None => Ok(None),
+            Some(value) => ShortString::try_new(value)
+                .map(Some)
+                .map_err(|_| invalid_argument(format!("{ctx}: '{key}' may be at most 255 bytes"))),
+        }
+    };
+    let mut props = lapin::BasicProperties::default().with_delivery_mode(opts.int_in(
+        "delivery_mode",
+        2,
+        1..=2,
+    )? as u8);
+    if let Some(v) = short("content_type")? {
+        props = props.with_content_type(v);
+    }
+    if let Some(v) = short("content_encoding")? {
+        props = props.with_content_encoding(v);
+    }
+    if let Some(headers) = opts.array("headers")? {
+        props = props.with_headers(to_field_table(headers, "headers")?);
+    }
+    if opts.get("priority").is_some() {
+        props = props.with_priority(opts.int_in("priority", 0, 0..=255)? as u8);
+    }
+    if let Some(v) = short("correlation_id")? {
+        props = props.with_correlation_id(v);
+    }
+    if let Some(v) = short("reply_to")? {
+        props = props.with_reply_to(v);
+    }
+    if opts.get("expiration").is_some() {
+        // AMQP carries the TTL as a string of milliseconds; accept the natural int too.
+        let ms = match opts.get("expiration") {
+            Some(v) if v.is_long() => v.long().unwrap_or_default().to_string(),
+            _ => opts.string("expiration")?.unwrap_or_default(),
+        };
+        if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid_argument(format!(
+                "{ctx}: 'expiration' must be a number of milliseconds, got '{ms}'"
+            )));
+        }
+        props = props.with_expiration(ShortString::from(ms));
+    }
+    if let Some(v) = short("message_id")? {
+        props = props.with_message_id(v);
+    }
+    if opts.get("timestamp").is_some() {
+        props = props.with_timestamp(opts.int_in("timestamp", 0, 0..=i64::MAX)? as u64);
+    }
+    if let Some(v) = short("type")? {
+        props = props.with_type(v);
+    }
+    if let Some(v) = short("user_id")? {
+        props = props.with_user_id(v);
+    }
+    if let Some(v) = short("app_id")? {
+        props = props.with_app_id(v);
+    }
+    Ok(props)
 }

@@ -2,9 +2,14 @@
 //! a PHP exception.
 
 use crate::core::error::{Error, ErrorKind};
-use ext_php_rs::builders::ClassBuilder;
+use crate::core::producer::Failure;
+use ext_php_rs::boxed::ZBox;
+use ext_php_rs::builders::{ClassBuilder, ClassProperty, FunctionBuilder};
 use ext_php_rs::exception::{PhpException, PhpResult};
+use ext_php_rs::flags::{DataType, MethodFlags, PropertyFlags};
+use ext_php_rs::types::{ZendHashTable, ZendObject, Zval};
 use ext_php_rs::zend::{ce, ClassEntry};
+use ext_php_rs::zend::{run_handler, ExecuteData, ExecutorGlobals};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -103,9 +108,101 @@ pub fn register() -> ext_php_rs::error::Result<()> {
         .register()?;
     ClassBuilder::new(CLASS_NAMES[4])
         .extends((base_ce, CLASS_NAMES[0]))
+        .property(ClassProperty {
+            name: FAILURES.to_string(),
+            flags: PropertyFlags::Private,
+            // Internal classes cannot default a property to a (refcounted) array: null stands
+            // for "no failures" and getFailures() answers [] for it.
+            default: Some(Box::new(|| {
+                let mut none = Zval::new();
+                none.set_null();
+                Ok(none)
+            })),
+            docs: &[],
+            ty: None,
+            nullable: true,
+            readonly: false,
+            default_stub: Some("null".to_string()),
+        })
+        .method(
+            FunctionBuilder::new("getFailures", get_failures).returns(
+                DataType::Array,
+                false,
+                false,
+            ),
+            MethodFlags::Public,
+        )
         .registration(keep::<4>)
         .register()?;
     Ok(())
+}
+
+/// The private property of `PublishException` that holds the failed messages.
+const FAILURES: &str = "failures";
+
+/// Runs `f` with the engine's visibility scope set to `PublishException`, so its private
+/// property can be read and written from here.
+fn in_publish_exception_scope<T>(f: impl FnOnce() -> T) -> T {
+    let scope = std::ptr::from_ref(ExceptionClass::Publish.ce()).cast_mut();
+    let previous = {
+        let mut globals = ExecutorGlobals::get_mut();
+        std::mem::replace(&mut globals.fake_scope, scope)
+    };
+    let out = f();
+    ExecutorGlobals::get_mut().fake_scope = previous;
+    out
+}
+
+/// `PublishException::getFailures(): list<array>`.
+extern "C" fn get_failures(ex: &mut ExecuteData, retval: &mut Zval) {
+    run_handler(AssertUnwindSafe(|| {
+        let list = match ex.get_self() {
+            Some(this) => in_publish_exception_scope(|| {
+                this.get_property::<&Zval>(FAILURES)
+                    .ok()
+                    .and_then(|z| z.array().map(|a| a.to_owned()))
+            }),
+            None => None,
+        };
+        retval.set_hashtable(list.unwrap_or_else(ZendHashTable::new));
+    }));
+}
+
+/// One failure as the PHP array `getFailures()` lists.
+fn failure_array(f: &Failure) -> ext_php_rs::error::Result<ZBox<ZendHashTable>> {
+    let mut row = ZendHashTable::new();
+    row.insert("exchange", f.exchange.as_str())?;
+    row.insert("routing_key", f.routing_key.as_str())?;
+    match &f.message_id {
+        Some(id) => row.insert("message_id", id.as_str())?,
+        None => row.insert("message_id", ())?,
+    }
+    row.insert("reply_code", i64::from(f.reply_code))?;
+    row.insert("reason", f.reason.as_str())?;
+    Ok(row)
+}
+
+/// Throws a `PublishException` now, with its failures attached. The `PhpException` returned
+/// does nothing when thrown afterwards, because an exception is then already pending.
+fn throw_publish_exception(err: &Error) -> PhpException {
+    let ce = ExceptionClass::Publish.ce();
+    if ext_php_rs::exception::throw_with_code(ce, 0, err.message()).is_ok() {
+        let mut list = ZendHashTable::new();
+        for failure in err.failures() {
+            if let Ok(row) = failure_array(failure) {
+                let _ = list.push(row);
+            }
+        }
+        let pending = ExecutorGlobals::get().exception.cast::<ZendObject>();
+        // SAFETY: the engine owns the pending exception we just threw; nothing frees it while
+        // this function runs on the PHP thread.
+        if let Some(object) = unsafe { pending.as_mut() } {
+            in_publish_exception_scope(|| {
+                let _ = object.set_property(FAILURES, list);
+            });
+        }
+    }
+    PhpException::new(err.message().to_string(), 0, ce)
 }
 
 /// A PHP `TypeError`, for values of the wrong PHP type inside arrays.
@@ -124,6 +221,7 @@ fn class_for(kind: ErrorKind) -> &'static ClassEntry {
         ErrorKind::Connection => ExceptionClass::Connection.ce(),
         ErrorKind::Channel(_) => ExceptionClass::Channel.ce(),
         ErrorKind::Timeout => ExceptionClass::Timeout.ce(),
+        ErrorKind::Publish => ExceptionClass::Publish.ce(),
         ErrorKind::InvalidArgument => invalid_argument_exception(),
         ErrorKind::Other => ExceptionClass::Base.ce(),
     }
@@ -131,6 +229,9 @@ fn class_for(kind: ErrorKind) -> &'static ClassEntry {
 
 impl From<Error> for PhpException {
     fn from(err: Error) -> Self {
+        if err.kind() == ErrorKind::Publish {
+            return throw_publish_exception(&err);
+        }
         PhpException::new(
             err.message().to_string(),
             i32::from(err.code()),

@@ -5,3 +5,4 @@ pub mod arginfo;
 pub mod connection;
 pub mod convert;
 pub mod exceptions;
+pub mod producer;

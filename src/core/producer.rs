@@ -1,0 +1,365 @@
+//! Publishing with pipelined publisher confirms.
+//!
+//! Hot path: `publish()` builds lapin's publish future and polls it once on the PHP thread.
+//! That first poll hands the frames to the io-loop thread and returns; nothing crosses back.
+//! The future stays in an in-flight queue and resolves later to the broker's confirm, so a run
+//! of publishes costs no round trip each; `wait_for_confirms()` then awaits them all in one
+//! `block_on`. The queue is bounded (`MAX_IN_FLIGHT`): a publisher faster than the broker waits
+//! for the oldest confirms instead of growing memory without limit.
+
+use crate::core::connection::{Link, COMMAND_TIMEOUT};
+use crate::core::error::{Error, Result};
+use crate::core::runtime;
+use crate::core::shortstr::shortstr;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::mem::ManuallyDrop;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+/// Most publishes awaiting their confirm (or, without confirms, their write) at once.
+const MAX_IN_FLIGHT: usize = 20_000;
+
+/// Settings of a producer.
+#[derive(Clone, Copy, Debug)]
+pub struct ProducerOptions {
+    /// Publisher confirms (default true).
+    pub confirms: bool,
+    /// Ask the broker to return unroutable messages (default false).
+    pub mandatory: bool,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        Self {
+            confirms: true,
+            mandatory: false,
+        }
+    }
+}
+
+/// One message to publish.
+pub struct Outgoing {
+    /// Target exchange ("" is the default exchange).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body, any bytes.
+    pub body: Vec<u8>,
+    /// AMQP basic properties, headers included.
+    pub properties: BasicProperties,
+}
+
+/// A message the broker did not take: nacked, returned as unroutable, or lost with its channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its `message_id` property, if it had one.
+    pub message_id: Option<String>,
+    /// AMQP reply code when the broker gave one (312 NO_ROUTE, 404...), 0 for a nack.
+    pub reply_code: u16,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// What a failure report needs to name a message.
+struct Meta {
+    /// Which of the producer's channels carried it (they are reopened after a channel error).
+    channel: u64,
+    exchange: String,
+    routing_key: String,
+    message_id: Option<String>,
+}
+
+type PublishFuture = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
+
+struct InFlight {
+    future: PublishFuture,
+    meta: Meta,
+}
+
+impl Meta {
+    fn failure(&self, reply_code: u16, reason: String) -> Failure {
+        Failure {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            message_id: self.message_id.clone(),
+            reply_code,
+            reason,
+        }
+    }
+}
+
+/// A publisher on its own channel of a connection.
+pub struct Producer {
+    link: Arc<Link>,
+    // Leaked rather than dropped in a forked child, like the link.
+    channel: ManuallyDrop<Option<Channel>>,
+    options: ProducerOptions,
+    in_flight: VecDeque<InFlight>,
+    failures: Vec<(u64, Failure)>,
+    /// The first channel-level error the caller has not heard of, and its channel.
+    channel_error: Option<(u64, Error)>,
+    /// Channels whose loss the caller has heard of: later failures from them are covered.
+    reported_channel: u64,
+    /// Number of the current channel.
+    channel_number: u64,
+}
+
+impl Producer {
+    pub(crate) fn new(link: Arc<Link>, options: ProducerOptions) -> Result<Self> {
+        let mut producer = Self {
+            link,
+            channel: ManuallyDrop::new(None),
+            options,
+            in_flight: VecDeque::new(),
+            failures: Vec::new(),
+            channel_error: None,
+            reported_channel: 0,
+            channel_number: 0,
+        };
+        producer.channel()?;
+        Ok(producer)
+    }
+
+    /// The producer's channel, reopened (in confirm mode when asked) after the broker closed it.
+    fn channel(&mut self) -> Result<Channel> {
+        if let Some(channel) = self.channel.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = self.link.open_channel("publish")?;
+        if self.options.confirms {
+            let context = format!("enable publisher confirms on {}", self.link.endpoint());
+            runtime::block_on(
+                channel.confirm_select(ConfirmSelectOptions::default()),
+                COMMAND_TIMEOUT,
+                &context,
+            )?
+            .map_err(|e| Error::from_lapin(&e, &context))?;
+        }
+        *self.channel = Some(channel.clone());
+        self.channel_number += 1;
+        Ok(channel)
+    }
+
+    /// Hands the message to the connection without waiting for the broker.
+    ///
+    /// A channel error from an earlier publish (e.g. 404 for a missing exchange, which the
+    /// broker reports after the fact) is raised here, once, before anything else is sent.
+    pub fn publish(&mut self, message: Outgoing) -> Result<()> {
+        self.reap();
+        if let Some(err) = self.take_channel_error() {
+            return Err(err);
+        }
+        self.link.ensure_usable("publish")?;
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.wait_for_room()?;
+        }
+        let exchange_name = shortstr(&message.exchange, "exchange name")?;
+        let routing_key = shortstr(&message.routing_key, "routing key")?;
+        let channel = self.channel()?;
+        let message_id = message
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_string());
+        let options = BasicPublishOptions {
+            mandatory: self.options.mandatory,
+            immediate: false,
+        };
+        let Outgoing {
+            exchange,
+            routing_key: key,
+            body,
+            properties,
+        } = message;
+        let mut future: PublishFuture = Box::pin(async move {
+            let confirm = channel
+                .basic_publish(exchange_name, routing_key, options, &body, properties)
+                .await?;
+            confirm.await
+        });
+        // The first poll queues the frames for the io-loop; the rest happens there.
+        let mut cx = Context::from_waker(Waker::noop());
+        let meta = Meta {
+            channel: self.channel_number,
+            exchange,
+            routing_key: key,
+            message_id,
+        };
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => self.settle(&meta, result),
+            Poll::Pending => self.in_flight.push_back(InFlight { future, meta }),
+        }
+        Ok(())
+    }
+
+    /// Settles every in-flight publish that has resolved, oldest first, without blocking.
+    fn reap(&mut self) {
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Some(front) = self.in_flight.front_mut() {
+            match front.future.as_mut().poll(&mut cx) {
+                Poll::Pending => break,
+                Poll::Ready(result) => {
+                    if let Some(done) = self.in_flight.pop_front() {
+                        self.settle(&done.meta, result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn settle(&mut self, publish: &Meta, result: lapin::Result<Confirmation>) {
+        match result {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {}
+            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+                self.failures.push((
+                    publish.channel,
+                    publish.failure(
+                        returned.reply_code,
+                        format!(
+                            "returned by the broker: {} {}",
+                            returned.reply_code, returned.reply_text
+                        ),
+                    ),
+                ));
+            }
+            Ok(Confirmation::Nack(None)) => self.failures.push((
+                publish.channel,
+                publish.failure(0, "nacked by the broker".to_string()),
+            )),
+            Err(_) if publish.channel <= self.reported_channel => {
+                // Lost with a channel whose closing the caller was already told of.
+            }
+            Err(err) => {
+                let context = format!(
+                    "publish to exchange '{}' with routing key '{}' on {}",
+                    publish.exchange,
+                    publish.routing_key,
+                    self.link.endpoint()
+                );
+                let error = Error::from_lapin(&err, &context);
+                self.failures.push((
+                    publish.channel,
+                    publish.failure(error.code(), error.message().to_string()),
+                ));
+                if self.channel_error.is_none() {
+                    self.channel_error = Some((publish.channel, error));
+                }
+            }
+        }
+    }
+
+    /// The pending channel error, once: the failures of that channel are folded into it, and
+    /// its messages still in flight will be lost without another report.
+    fn take_channel_error(&mut self) -> Option<Error> {
+        let (channel, err) = self.channel_error.take()?;
+        let before = self.failures.len();
+        self.failures.retain(|(c, _)| *c != channel);
+        let lost = before - self.failures.len();
+        self.reported_channel = self.reported_channel.max(channel);
+        Some(Error::new(
+            err.kind(),
+            format!(
+                "{} (the broker closed the channel: {lost} messages published on it failed, \
+                 any still unconfirmed on it are lost too; the next publish opens a new channel)",
+                err.message()
+            ),
+        ))
+    }
+
+    fn wait_for_room(&mut self) -> Result<()> {
+        let target = MAX_IN_FLIGHT / 2;
+        let context = format!("wait for publisher confirms on {}", self.link.endpoint());
+        while self.in_flight.len() > target {
+            let Some(mut oldest) = self.in_flight.pop_front() else {
+                break;
+            };
+            match runtime::block_on(oldest.future.as_mut(), COMMAND_TIMEOUT, &context) {
+                Ok(result) => self.settle(&oldest.meta, result),
+                Err(timeout) => {
+                    self.in_flight.push_front(oldest);
+                    return Err(timeout);
+                }
+            }
+            self.reap();
+        }
+        Ok(())
+    }
+
+    /// Publishes not yet confirmed by the broker (or, without confirms, not yet written).
+    pub fn pending(&mut self) -> usize {
+        self.reap();
+        self.in_flight.len()
+    }
+
+    /// Waits up to `timeout` for every publish so far; returns the failures since the last
+    /// call (nacked, returned, lost with a closed channel), oldest first.
+    pub fn wait_for_confirms(&mut self, timeout: Duration) -> Result<Vec<Failure>> {
+        let context = format!("wait for publisher confirms on {}", self.link.endpoint());
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.reap();
+        while let Some(mut oldest) = self.in_flight.pop_front() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match runtime::block_on(oldest.future.as_mut(), left, &context) {
+                Ok(result) => self.settle(&oldest.meta, result),
+                Err(err) => {
+                    self.in_flight.push_front(oldest);
+                    return Err(Error::timeout(format!(
+                        "{}: {} publishes still unconfirmed",
+                        err.message(),
+                        self.in_flight.len()
+                    )));
+                }
+            }
+            self.reap();
+        }
+        if let Some(err) = self.take_channel_error() {
+            return Err(err);
+        }
+        Ok(self.failures.drain(..).map(|(_, f)| f).collect())
+    }
+
+    /// Whether failures or unconfirmed publishes are waiting to be reported.
+    pub fn has_unreported(&mut self) -> bool {
+        self.reap();
+        !self.in_flight.is_empty() || !self.failures.is_empty()
+    }
+
+    /// False in a forked child: this producer belongs to the parent's connection.
+    pub fn is_own(&self) -> bool {
+        self.link.is_own()
+    }
+
+    /// The endpoint, for messages.
+    pub fn endpoint(&self) -> &str {
+        self.link.endpoint()
+    }
+
+    /// Negotiated frame size of the connection.
+    pub fn frame_max(&self) -> u32 {
+        self.link.frame_max()
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        if self.link.is_own() {
+            // SAFETY: dropped exactly once, here, and never used again.
+            unsafe { ManuallyDrop::drop(&mut self.channel) };
+        } else {
+            // Parent's futures reference the parent's channel: leak them with it.
+            std::mem::forget(std::mem::take(&mut self.in_flight));
+        }
+    }
+}
