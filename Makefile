@@ -9,7 +9,7 @@ SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs')
 EXTENSION_DIR ?= $(shell php-config --extension-dir 2>/dev/null)
 CONF_DIRS     ?= $(wildcard /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d)
 
-.PHONY: all build deps broker install test test-rust test-php lint demo clean
+.PHONY: all build deps broker install test test-rust test-php lint demo bench clean
 
 all: build
 
@@ -53,3 +53,8 @@ demo: deps broker
 
 clean:
 	cargo clean
+
+# Side-by-side benchmarks (not part of `make test`): amqp_rs vs php-amqp vs php-amqplib.
+bench: deps broker
+	$(MAKE) build
+	$(PHP) benches/run.php $(BENCH_ARGS)

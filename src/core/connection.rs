@@ -16,8 +16,9 @@ use std::time::Duration;
 /// gets a `TimeoutException` instead of a hang.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long `close()` waits for the broker's close-ok.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `close()` waits for confirms and for the broker's close-ok: a broker still
+/// working through a burst of persistent messages answers only after them.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// TLS settings for `amqps://` URIs.
 #[derive(Clone, Debug, Default)]
