@@ -322,4 +322,78 @@ final class ProducerTest extends TestCase
         $this->expectException(TypeError::class);
         $call($this->conn->producer());
     }
+
+    public function testHeadersLargerThanAFrameAreRefusedLocallyAndTheConnectionLives(): void
+    {
+        $producer = $this->conn->producer();
+        try {
+            // frame_max is 128 KiB on RabbitMQ 3.10: the broker would close the connection.
+            $producer->publish('b', $this->queue, '', ['headers' => ['big' => str_repeat('h', 200_000)]]);
+            $this->fail('expected InvalidArgumentException');
+        } catch (InvalidArgumentException $e) {
+            $this->assertStringContainsString('frame_max', $e->getMessage());
+        }
+        // Just under the limit is sent as it is.
+        $producer->publish('b', $this->queue, '', ['headers' => ['big' => str_repeat('h', 120_000)]]);
+        $producer->waitForConfirms(5);
+        $this->assertTrue($this->conn->isConnected());
+        $this->assertSame(120_000, strlen($this->getWithAmqplib()->get('application_headers')->getNativeData()['big']));
+    }
+
+    public function testBodyOverTheBrokersMaxMessageSizeRaisesChannelException406(): void
+    {
+        $producer = $this->conn->producer();
+        $producer->publish(str_repeat('b', 128 * 1024 * 1024 + 1), $this->queue);
+        try {
+            $producer->waitForConfirms(30);
+            $this->fail('expected ChannelException');
+        } catch (ChannelException $e) {
+            $this->assertSame(406, $e->getCode());
+            $this->assertStringContainsString('max size', $e->getMessage());
+        }
+        $this->assertTrue($this->conn->isConnected());
+        $producer->publish('small', $this->queue);
+        $producer->waitForConfirms(5);
+        $this->assertSame('small', $this->getWithAmqplib()->getBody());
+    }
+
+    public function testPhpAmqpReadsEveryPropertyAndHeaderType(): void
+    {
+        $headers = ['s' => 'text', 'i' => -42, 'big' => PHP_INT_MAX, 'f' => 2.5, 'b' => true, 'n' => null,
+            // php-amqp decodes lists of strings only: it returns [] for a list of ints even when
+            // php-amqplib published it, so lists of other types are checked with php-amqplib.
+            'words' => ['x', 'y'], 'table' => ['k' => 'v']];
+        $producer = $this->conn->producer();
+        $producer->publish("body\x00", $this->queue, '', [
+            'content_type' => 'text/plain', 'content_encoding' => 'gzip', 'headers' => $headers,
+            'delivery_mode' => 2, 'priority' => 3, 'correlation_id' => 'c1', 'reply_to' => 'r1',
+            'expiration' => '5000', 'message_id' => 'id1', 'timestamp' => 1234567890, 'type' => 't1',
+            'user_id' => 'guest', 'app_id' => 'a1',
+        ]);
+        $producer->waitForConfirms();
+        $conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => 5672, 'login' => 'guest', 'password' => 'guest']);
+        $conn->connect();
+        $q = new AMQPQueue(new AMQPChannel($conn));
+        $q->setName($this->queue);
+        $env = $q->get(AMQP_AUTOACK);
+        $conn->disconnect();
+        $this->assertInstanceOf(AMQPEnvelope::class, $env);
+        $this->assertSame("body\x00", $env->getBody());
+        $this->assertSame('text/plain', $env->getContentType());
+        $this->assertSame('gzip', $env->getContentEncoding());
+        $this->assertSame(2, $env->getDeliveryMode());
+        $this->assertSame(3, $env->getPriority());
+        $this->assertSame('c1', $env->getCorrelationId());
+        $this->assertSame('r1', $env->getReplyTo());
+        $this->assertSame('5000', $env->getExpiration());
+        $this->assertSame('id1', $env->getMessageId());
+        $this->assertSame(1234567890, $env->getTimestamp());
+        $this->assertSame('t1', $env->getType());
+        $this->assertSame('guest', $env->getUserId());
+        $this->assertSame('a1', $env->getAppId());
+        $got = $env->getHeaders();
+        ksort($headers);
+        ksort($got);
+        $this->assertSame($headers, $got);
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod connection;
 pub mod error;
+pub mod frame_size;
 pub mod producer;
 pub mod runtime;
 pub mod shortstr;

@@ -9,6 +9,7 @@
 
 use crate::core::connection::{Link, COMMAND_TIMEOUT};
 use crate::core::error::{Error, Result};
+use crate::core::frame_size::content_header_size;
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -164,6 +165,19 @@ impl Producer {
         self.link.ensure_usable("publish")?;
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.wait_for_room()?;
+        }
+        let header_size = content_header_size(&message.properties);
+        let frame_max = self.link.frame_max() as usize;
+        if header_size > frame_max {
+            // The broker would close the whole connection (501 FRAME_ERROR): refuse it here.
+            return Err(Error::invalid_argument(format!(
+                "publish to exchange '{}' with routing key '{}': the message's properties and \
+                 headers take {header_size} bytes, more than the {frame_max} bytes of one frame \
+                 (frame_max) on {}",
+                message.exchange,
+                message.routing_key,
+                self.link.endpoint()
+            )));
         }
         let exchange_name = shortstr(&message.exchange, "exchange name")?;
         let routing_key = shortstr(&message.routing_key, "routing key")?;
