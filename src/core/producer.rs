@@ -220,17 +220,41 @@ impl Producer {
 
     /// Settles every in-flight publish that has resolved, oldest first, without blocking.
     fn reap(&mut self) {
-        let mut cx = Context::from_waker(Waker::noop());
-        while let Some(front) = self.in_flight.front_mut() {
-            match front.future.as_mut().poll(&mut cx) {
-                Poll::Pending => break,
-                Poll::Ready(result) => {
-                    if let Some(done) = self.in_flight.pop_front() {
-                        self.settle(&done.meta, result);
-                    }
-                }
-            }
+        let mut done = Vec::new();
+        let _ = settle_front(
+            &mut self.in_flight,
+            0,
+            &mut Context::from_waker(Waker::noop()),
+            &mut done,
+        );
+        for (meta, result) in done {
+            self.settle(&meta, result);
         }
+    }
+
+    /// Blocks until at most `keep` publishes are in flight, or `limit` runs out.
+    ///
+    /// One `block_on` for the whole batch: the PHP thread parks once and is woken as confirms
+    /// arrive, instead of crossing threads once per message.
+    fn wait_until(&mut self, keep: usize, limit: Duration) -> Result<()> {
+        let context = format!("wait for publisher confirms on {}", self.link.endpoint());
+        let mut done = Vec::new();
+        let in_flight = &mut self.in_flight;
+        let waited = runtime::block_on(
+            std::future::poll_fn(|cx| settle_front(in_flight, keep, cx, &mut done)),
+            limit,
+            &context,
+        );
+        for (meta, result) in done {
+            self.settle(&meta, result);
+        }
+        waited.map_err(|err| {
+            Error::timeout(format!(
+                "{}: {} publishes still unconfirmed",
+                err.message(),
+                self.in_flight.len()
+            ))
+        })
     }
 
     fn settle(&mut self, publish: &Meta, result: lapin::Result<Confirmation>) {
@@ -293,22 +317,7 @@ impl Producer {
     }
 
     fn wait_for_room(&mut self) -> Result<()> {
-        let target = MAX_IN_FLIGHT / 2;
-        let context = format!("wait for publisher confirms on {}", self.link.endpoint());
-        while self.in_flight.len() > target {
-            let Some(mut oldest) = self.in_flight.pop_front() else {
-                break;
-            };
-            match runtime::block_on(oldest.future.as_mut(), COMMAND_TIMEOUT, &context) {
-                Ok(result) => self.settle(&oldest.meta, result),
-                Err(timeout) => {
-                    self.in_flight.push_front(oldest);
-                    return Err(timeout);
-                }
-            }
-            self.reap();
-        }
-        Ok(())
+        self.wait_until(MAX_IN_FLIGHT / 2, COMMAND_TIMEOUT)
     }
 
     /// Publishes not yet confirmed by the broker (or, without confirms, not yet written).
@@ -320,24 +329,7 @@ impl Producer {
     /// Waits up to `timeout` for every publish so far; returns the failures since the last
     /// call (nacked, returned, lost with a closed channel), oldest first.
     pub fn wait_for_confirms(&mut self, timeout: Duration) -> Result<Vec<Failure>> {
-        let context = format!("wait for publisher confirms on {}", self.link.endpoint());
-        let deadline = tokio::time::Instant::now() + timeout;
-        self.reap();
-        while let Some(mut oldest) = self.in_flight.pop_front() {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match runtime::block_on(oldest.future.as_mut(), left, &context) {
-                Ok(result) => self.settle(&oldest.meta, result),
-                Err(err) => {
-                    self.in_flight.push_front(oldest);
-                    return Err(Error::timeout(format!(
-                        "{}: {} publishes still unconfirmed",
-                        err.message(),
-                        self.in_flight.len()
-                    )));
-                }
-            }
-            self.reap();
-        }
+        self.wait_until(0, timeout)?;
         if let Some(err) = self.take_channel_error() {
             return Err(err);
         }
@@ -364,6 +356,30 @@ impl Producer {
     pub fn frame_max(&self) -> u32 {
         self.link.frame_max()
     }
+}
+
+/// Settles in-flight publishes from the front while they are resolved, until `keep` remain;
+/// Pending as soon as the oldest is not. Resolved ones go to `done` in order.
+fn settle_front(
+    in_flight: &mut VecDeque<InFlight>,
+    keep: usize,
+    cx: &mut Context<'_>,
+    done: &mut Vec<(Meta, lapin::Result<Confirmation>)>,
+) -> Poll<()> {
+    while in_flight.len() > keep {
+        let Some(front) = in_flight.front_mut() else {
+            break;
+        };
+        match front.future.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(result) => {
+                if let Some(front) = in_flight.pop_front() {
+                    done.push((front.meta, result));
+                }
+            }
+        }
+    }
+    Poll::Ready(())
 }
 
 impl Drop for Producer {

@@ -8,7 +8,8 @@
 
 use crate::core::error::{Error, Result};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 use tokio::runtime::{Builder, Handle, Runtime};
 
@@ -65,6 +66,12 @@ pub fn current() -> Result<(Handle, u64)> {
     };
     let runtime = build(pid)?;
     let handle = runtime.handle().clone();
+    ATFORK.call_once(|| {
+        // SAFETY: registers a handler that only increments an atomic, which is async-signal-safe.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+    CURRENT_FORKS.store(FORKS.load(Ordering::Acquire), Ordering::Release);
+    CURRENT.store(generation, Ordering::Release);
     *state = Some(State {
         pid,
         generation,
@@ -73,13 +80,23 @@ pub fn current() -> Result<(Handle, u64)> {
     Ok((handle, generation))
 }
 
-/// The generation objects created now belong to, without starting anything.
+/// Forks seen by this process lineage, counted by a `pthread_atfork` child handler so the hot
+/// path can tell "same process" with one atomic load instead of a lock and a getpid().
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static ATFORK: Once = Once::new();
+/// The generation current when `FORKS` last matched, 0 before any runtime.
+static CURRENT: AtomicU64 = AtomicU64::new(0);
+static CURRENT_FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn after_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Whether objects of `generation` belong to this process, without starting anything.
 pub fn is_current_generation(generation: u64) -> bool {
-    let state = STATE.lock().unwrap_or_else(|p| p.into_inner());
-    match state.as_ref() {
-        Some(s) => s.pid == std::process::id() && s.generation == generation,
-        None => false,
-    }
+    generation != 0
+        && CURRENT.load(Ordering::Acquire) == generation
+        && CURRENT_FORKS.load(Ordering::Acquire) == FORKS.load(Ordering::Acquire)
 }
 
 /// Runs `fut` on the runtime from the (non-runtime) PHP thread, waiting at most `limit`;
