@@ -32,6 +32,28 @@ try {
     printf("redeclaring with other arguments is refused (%d): %s\n", $e->getCode(), $e->getMessage());
 }
 
+$producer = $conn->producer();
+$started = microtime(true);
+for ($i = 1; $i <= 1000; $i++) {
+    $kind = $i % 2 ? 'image.resize' : 'email.welcome';
+    $producer->publish(json_encode(['task' => $i, 'kind' => $kind]), $kind, 'demo.tasks', [
+        'content_type' => 'application/json',
+        'message_id' => "task-$i",
+    ]);
+}
+$producer->waitForConfirms();
+printf("published 1000 tasks, all confirmed, in %.0f ms\n", (microtime(true) - $started) * 1000);
+
+$strict = $conn->producer(['mandatory' => true]);
+$strict->publish('lost?', 'video.encode', 'demo.tasks', ['message_id' => 'task-video']);
+try {
+    $strict->waitForConfirms();
+} catch (AmqpRs\PublishException $e) {
+    foreach ($e->getFailures() as $f) {
+        printf("not routed: %s (%s)\n", $f['message_id'], $f['reason']);
+    }
+}
+
 foreach (array_keys($queues) as $queue) {
     $status = $conn->queueStatus($queue);
     printf("%s: %d messages, %d consumers\n", $queue, $status['messages'], $status['consumers']);
