@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// Most publishes awaiting their confirm (or, without confirms, their write) at once.
-const MAX_IN_FLIGHT: usize = 20_000;
+const MAX_IN_FLIGHT: usize = 5000;
 
 /// Settings of a producer.
 #[derive(Clone, Copy, Debug)]
