@@ -234,13 +234,13 @@ impl Producer {
 
     /// Blocks until at most `keep` publishes are in flight, or `limit` runs out.
     ///
-    /// One `block_on` for the whole batch: the PHP thread parks once and is woken as confirms
-    /// arrive, instead of crossing threads once per message.
+    /// One wait for the whole batch: the PHP thread parks and is woken as confirms arrive,
+    /// instead of crossing threads once per message; the runtime's workers are not involved.
     fn wait_until(&mut self, keep: usize, limit: Duration) -> Result<()> {
         let context = format!("wait for publisher confirms on {}", self.link.endpoint());
         let mut done = Vec::new();
         let in_flight = &mut self.in_flight;
-        let waited = runtime::block_on(
+        let waited = runtime::park_on(
             std::future::poll_fn(|cx| settle_front(in_flight, keep, cx, &mut done)),
             limit,
             &context,

@@ -113,6 +113,44 @@ pub fn block_on<F: Future>(fut: F, limit: Duration, what: &str) -> Result<F::Out
     })
 }
 
+/// Wakes the PHP thread parked in `park_on`.
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `fut` on the calling (PHP) thread, parking it between polls, for at most `limit`.
+///
+/// For futures that lapin's io-loop thread resolves (publisher confirms): unlike `block_on`,
+/// nothing here involves the runtime's workers or its timer wheel, so a wait costs one
+/// park/unpark and no wake-up of other threads.
+pub fn park_on<F: Future>(fut: F, limit: Duration, what: &str) -> Result<F::Output> {
+    let waker = std::task::Waker::from(std::sync::Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Ok(out);
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Err(Error::timeout(format!(
+                "{what}: no answer within {:.1} s",
+                limit.as_secs_f64()
+            )));
+        }
+        std::thread::park_timeout(deadline - now);
+    }
+}
+
 /// A snapshot for phpinfo; does not start the runtime.
 pub fn info() -> RuntimeInfo {
     let state = STATE.lock().unwrap_or_else(|p| p.into_inner());
