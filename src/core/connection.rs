@@ -1,6 +1,7 @@
 //! One AMQP connection to the first broker of a list that answers, and the channel that
 //! carries its topology commands.
 
+use crate::core::consumer::{Consumer, ConsumerOptions};
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::producer::{Producer, ProducerOptions};
 use crate::core::runtime;
@@ -352,6 +353,11 @@ impl Connection {
         producers.retain(|p| p.strong_count() > 0);
         producers.push(Arc::downgrade(&producer));
         Ok(producer)
+    }
+
+    /// A consumer of `queues` on its own channel; it shares this connection and keeps it open.
+    pub fn consumer(&mut self, queues: &[String], options: &ConsumerOptions) -> Result<Consumer> {
+        Consumer::new(self.link.clone(), queues, options)
     }
 
     /// Waits (bounded) for the confirms of every producer made from this connection, then

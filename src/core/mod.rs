@@ -1,6 +1,7 @@
 //! The AMQP core: lapin on one background Tokio runtime, with no PHP types anywhere.
 
 pub mod connection;
+pub mod consumer;
 pub mod error;
 pub mod frame_size;
 pub mod producer;

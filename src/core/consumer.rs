@@ -1,0 +1,371 @@
+//! Consuming: one channel, one `basic.consume` per queue, deliveries handed to the PHP thread.
+//!
+//! The PHP thread itself polls lapin's consumer streams (`next()`), parking between polls, so a
+//! delivery reaches the callback without a runtime task in between. Settlements are sent
+//! without waiting for anything: the first poll of lapin's ack future queues the frame.
+
+use crate::core::connection::{Link, COMMAND_TIMEOUT};
+use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::runtime;
+use crate::core::shortstr::shortstr;
+use futures_core::Stream;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Acker, Channel};
+use std::future::Future;
+use std::mem::ManuallyDrop;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+/// Settings of a consumer, as `Connection::consumer()` options give them.
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    /// Unacknowledged deliveries the broker may send ahead (basic.qos), default 100.
+    pub prefetch: u16,
+    /// The broker considers a message handled as soon as it is sent.
+    pub auto_ack: bool,
+    /// Be the queue's only consumer.
+    pub exclusive: bool,
+    /// Consumer tag; the broker makes one when absent.
+    pub consumer_tag: Option<String>,
+    /// `basic.consume` arguments (`x-stream-offset`, ...).
+    pub arguments: FieldTable,
+    /// Consumer priority (`x-priority`).
+    pub priority: Option<i32>,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: 100,
+            auto_ack: false,
+            exclusive: false,
+            consumer_tag: None,
+            arguments: FieldTable::default(),
+            priority: None,
+        }
+    }
+}
+
+/// How to settle a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Handled.
+    Ack,
+    /// Not handled: back to the queue (`requeue`) or to the dead-letter exchange.
+    Nack {
+        /// Put it back in the queue.
+        requeue: bool,
+    },
+    /// Refused: back to the queue (`requeue`) or to the dead-letter exchange.
+    Reject {
+        /// Put it back in the queue.
+        requeue: bool,
+    },
+}
+
+/// Sends a settlement without waiting for the broker (AMQP has no answer to it).
+///
+/// An acker from a channel that was closed since the delivery refuses quietly (`Ok(false)`):
+/// the broker redelivers such a message, so acking it elsewhere would be wrong.
+pub fn settle(acker: &Acker, how: Settlement) -> Result<bool> {
+    if !acker.usable() {
+        return Ok(false);
+    }
+    let mut future: Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send + '_>> = match how {
+        Settlement::Ack => Box::pin(acker.ack(BasicAckOptions::default())),
+        Settlement::Nack { requeue } => Box::pin(acker.nack(BasicNackOptions {
+            multiple: false,
+            requeue,
+        })),
+        Settlement::Reject { requeue } => Box::pin(acker.reject(BasicRejectOptions { requeue })),
+    };
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(Err(e)) => Err(Error::from_lapin(&e, "settle a delivery")),
+        Poll::Ready(Ok(done)) => Ok(done),
+        // The frame is queued; the rest of the future only waits for it to be written.
+        Poll::Pending => Ok(true),
+    }
+}
+
+/// A delivery and the tag of the consumer that got it.
+pub struct Incoming {
+    /// The message, its properties and its acker.
+    pub delivery: Delivery,
+    /// Tag of the consumer it came through.
+    pub consumer_tag: String,
+}
+
+/// Consumers of one or more queues on one channel.
+pub struct Consumer {
+    link: Arc<Link>,
+    // Leaked rather than dropped in a forked child, like the link.
+    channel: ManuallyDrop<Option<Channel>>,
+    streams: ManuallyDrop<Vec<(String, lapin::Consumer)>>,
+    queues: Vec<String>,
+    next_stream: usize,
+    cancelled: bool,
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        queues: &[String],
+        options: &ConsumerOptions,
+    ) -> Result<Self> {
+        if queues.is_empty() {
+            return Err(Error::invalid_argument("consumer: no queue given"));
+        }
+        let names = queues
+            .iter()
+            .map(|q| shortstr(q, "queue name"))
+            .collect::<Result<Vec<_>>>()?;
+        let channel = link.open_channel("consume")?;
+        let endpoint = link.endpoint().to_string();
+        let mut consumer = Self {
+            link,
+            channel: ManuallyDrop::new(Some(channel.clone())),
+            streams: ManuallyDrop::new(Vec::new()),
+            queues: queues.to_vec(),
+            next_stream: 0,
+            cancelled: false,
+        };
+        if !options.auto_ack {
+            let context = format!("set prefetch {} on {endpoint}", options.prefetch);
+            runtime::block_on(
+                channel.basic_qos(options.prefetch, BasicQosOptions::default()),
+                COMMAND_TIMEOUT,
+                &context,
+            )?
+            .map_err(|e| Error::from_lapin(&e, &context))?;
+        }
+        let mut arguments = options.arguments.clone();
+        if let Some(priority) = options.priority {
+            arguments.insert(
+                ShortString::from("x-priority"),
+                AMQPValue::LongInt(priority),
+            );
+        }
+        for (i, name) in names.into_iter().enumerate() {
+            let tag = match (&options.consumer_tag, queues.len()) {
+                (None, _) => String::new(),
+                (Some(tag), 1) => tag.clone(),
+                (Some(tag), _) => format!("{tag}-{i}"),
+            };
+            let tag = shortstr(&tag, "consumer tag")?;
+            let context = format!("consume from queue '{}' on {endpoint}", name.as_str());
+            let consume_options = BasicConsumeOptions {
+                no_local: false,
+                no_ack: options.auto_ack,
+                exclusive: options.exclusive,
+                nowait: false,
+            };
+            let stream = runtime::block_on(
+                channel.basic_consume(name, tag, consume_options, arguments.clone()),
+                COMMAND_TIMEOUT,
+                &context,
+            )?
+            .map_err(|e| Error::from_lapin(&e, &context))?;
+            consumer
+                .streams
+                .push((stream.tag().as_str().to_string(), stream));
+        }
+        Ok(consumer)
+    }
+
+    /// The consumer tags, one per queue.
+    pub fn tags(&self) -> Vec<String> {
+        self.streams.iter().map(|(tag, _)| tag.clone()).collect()
+    }
+
+    /// The next delivery, waiting at most `limit`; `None` when nothing came in time.
+    ///
+    /// A consumer the broker cancelled (its queue was deleted) or whose channel or connection
+    /// closed ends with an error naming the queue, never with a silent hang.
+    pub fn next(&mut self, limit: Duration) -> Result<Option<Incoming>> {
+        if self.cancelled {
+            return Err(Error::new(
+                ErrorKind::Other,
+                format!(
+                    "consume from {}: the consumer was cancelled",
+                    self.describe()
+                ),
+            ));
+        }
+        self.link.ensure_usable("consume")?;
+        let streams = &mut *self.streams;
+        let start = self.next_stream;
+        let polled = runtime::park_on(
+            std::future::poll_fn(|cx| poll_streams(streams, start, cx)),
+            limit,
+            "wait for a delivery",
+        );
+        match polled {
+            Err(e) if e.kind() == ErrorKind::Timeout => Ok(None),
+            Err(e) => Err(e),
+            Ok((index, Ok(delivery))) => {
+                self.next_stream = index + 1;
+                let consumer_tag = self.streams[index].0.clone();
+                Ok(Some(Incoming {
+                    delivery,
+                    consumer_tag,
+                }))
+            }
+            Ok((index, Err(ended))) => {
+                let queue = self.queues.get(index).cloned().unwrap_or_default();
+                let context = format!("consume from queue '{queue}' on {}", self.link.endpoint());
+                Err(match ended {
+                    Some(e) => Error::from_lapin(&e, &context),
+                    None => Error::new(
+                        ErrorKind::Channel(0),
+                        format!(
+                            "{context}: the broker cancelled the consumer (was the queue deleted?)"
+                        ),
+                    ),
+                })
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        let queues: Vec<String> = self.queues.iter().map(|q| format!("'{q}'")).collect();
+        format!("queue {} on {}", queues.join(", "), self.link.endpoint())
+    }
+
+    /// Stops the deliveries (basic.cancel); messages already delivered can still be settled.
+    pub fn cancel(&mut self) -> Result<()> {
+        if self.cancelled {
+            return Ok(());
+        }
+        self.cancelled = true;
+        let Some(channel) = self.channel.as_ref().cloned() else {
+            return Ok(());
+        };
+        if !channel.status().connected() {
+            return Ok(());
+        }
+        for (tag, _) in self.streams.iter() {
+            let context = format!("cancel consumer '{tag}' on {}", self.link.endpoint());
+            runtime::block_on(
+                channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+                COMMAND_TIMEOUT,
+                &context,
+            )?
+            .map_err(|e| Error::from_lapin(&e, &context))?;
+        }
+        Ok(())
+    }
+
+    /// False in a forked child: this consumer belongs to the parent's connection.
+    pub fn is_own(&self) -> bool {
+        self.link.is_own()
+    }
+}
+
+type Polled = (usize, std::result::Result<Delivery, Option<lapin::Error>>);
+
+/// Polls every stream once, starting at `start` so no queue starves the others.
+fn poll_streams(
+    streams: &mut [(String, lapin::Consumer)],
+    start: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Polled> {
+    let n = streams.len();
+    for k in 0..n {
+        let index = (start + k) % n;
+        match Pin::new(&mut streams[index].1).poll_next(cx) {
+            Poll::Ready(Some(Ok(delivery))) => return Poll::Ready((index, Ok(delivery))),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready((index, Err(Some(e)))),
+            Poll::Ready(None) => return Poll::Ready((index, Err(None))),
+            Poll::Pending => {}
+        }
+    }
+    Poll::Pending
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if self.link.is_own() {
+            // SAFETY: dropped exactly once, here, and never used again.
+            unsafe {
+                ManuallyDrop::drop(&mut self.streams);
+                ManuallyDrop::drop(&mut self.channel);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::connection::tests::connect;
+    use crate::core::producer::{Outgoing, ProducerOptions};
+    use crate::core::topology::QueueSpec;
+    use lapin::BasicProperties;
+
+    #[test]
+    fn delivers_what_was_published_and_acks_it() {
+        let mut conn = connect();
+        let spec = QueueSpec {
+            exclusive: true,
+            durable: false,
+            ..QueueSpec::default()
+        };
+        let queue = conn.declare_queue("", spec).expect("queue").name;
+        let producer = conn.producer(ProducerOptions::default()).expect("producer");
+        for i in 0..3u8 {
+            producer
+                .lock()
+                .expect("lock")
+                .publish(Outgoing {
+                    exchange: String::new(),
+                    routing_key: queue.clone(),
+                    body: vec![i],
+                    properties: BasicProperties::default(),
+                })
+                .expect("publish");
+        }
+        let mut consumer = conn
+            .consumer(std::slice::from_ref(&queue), &ConsumerOptions::default())
+            .expect("consumer");
+        for i in 0..3u8 {
+            let incoming = consumer
+                .next(Duration::from_secs(5))
+                .expect("ok")
+                .expect("delivery");
+            assert_eq!(incoming.delivery.data, vec![i]);
+            assert!(settle(&incoming.delivery.acker, Settlement::Ack).expect("ack"));
+        }
+        assert!(consumer
+            .next(Duration::from_millis(100))
+            .expect("ok")
+            .is_none());
+        consumer.cancel().expect("cancel");
+    }
+
+    #[test]
+    fn deleting_the_queue_ends_consumption_with_an_error() {
+        let mut conn = connect();
+        let queue = format!("amqp_rs.core.cancelled.{}", std::process::id());
+        conn.declare_queue(&queue, QueueSpec::default())
+            .expect("queue");
+        let mut consumer = conn
+            .consumer(std::slice::from_ref(&queue), &ConsumerOptions::default())
+            .expect("consumer");
+        conn.delete_queue(&queue, false, false).expect("delete");
+        let err = consumer
+            .next(Duration::from_secs(5))
+            .err()
+            .expect("cancelled");
+        assert!(err.message().contains(&queue), "{}", err.message());
+    }
+}
