@@ -214,7 +214,7 @@ final class BadInputTest extends TestCase
     public function testEmptyUriListIsRejected(): void
     {
         $this->expectException(InvalidArgumentException::class);
-        $this->expectExceptionMessage('the list of URIs is empty');
+        $this->expectExceptionMessage('Argument #1 ($uri): the list is empty');
         new Connection([]);
     }
 

@@ -13,7 +13,7 @@ mod php;
 
 #[cfg(not(test))]
 mod module {
-    use crate::php::{arginfo, connection, exceptions, producer};
+    use crate::php::{arginfo, connection, consumer, exceptions, message, producer};
     use ext_php_rs::prelude::*;
     use ext_php_rs::zend::ModuleEntry;
     use ext_php_rs::{info_table_end, info_table_row, info_table_start};
@@ -64,6 +64,8 @@ mod module {
             .name("amqp_rs")
             .startup_function(startup)
             .class::<producer::Producer>()
+            .class::<message::Message>()
+            .class::<consumer::Consumer>()
             .class::<connection::Connection>()
             .info_function(module_info)
             .request_startup_function(request_startup)

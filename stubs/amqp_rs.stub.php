@@ -111,6 +111,18 @@ final class Connection
     public function producer(array $options = []): Producer {}
 
     /**
+     * A consumer of one queue or a list of queues, on its own channel.
+     *
+     * @param string|list<string> $queues
+     * @param array{prefetch?: int, auto_ack?: bool, exclusive?: bool, consumer_tag?: string,
+     *     arguments?: array, priority?: int} $options prefetch defaults to 100
+     */
+    public function consumer(string|array $queues, array $options = []): Consumer {}
+
+    /** One message by basic.get, or null when the queue is empty. */
+    public function get(string $queue, bool $autoAck = false): ?Message {}
+
+    /**
      * @return array{messages: int, consumers: int}
      * @throws ChannelException 404 when the queue does not exist
      */
@@ -152,4 +164,93 @@ final class Producer
 
     /** Publishes the broker has not confirmed yet. */
     public function pendingConfirms(): int {}
+}
+
+/**
+ * Calls a PHP callable for each delivery, on the PHP thread; heartbeats are kept by a
+ * background thread while the callable runs.
+ */
+final class Consumer
+{
+    /** Consumers are made by Connection::consumer(). */
+    private function __construct() {}
+
+    /**
+     * Blocks, calling $callback(Message $m) for each delivery; returns how many were handled.
+     *
+     * Settlement (without auto_ack): a callback that returns without settling its message has
+     * it acked; one that throws has it settled per on_error ('requeue', the default, or
+     * 'reject' to dead-letter it), and its exception leaves consume() unchanged.
+     *
+     * @param callable(Message): mixed $callback
+     * @param array{max_messages?: int, max_time?: float, idle_timeout?: float,
+     *     memory_limit?: int, on_error?: 'requeue'|'reject'} $options max_time and idle_timeout
+     *     in seconds, memory_limit in MiB of PHP memory
+     * @throws ChannelException when the broker cancels the consumer (e.g. its queue was deleted)
+     */
+    public function consume(callable $callback, array $options = []): int {}
+
+    /** Makes consume() return after the message in hand (from the callback or a signal handler). */
+    public function stop(): void {}
+
+    /** Cancels the subscription (basic.cancel). */
+    public function cancel(): void {}
+}
+
+/** A delivered message. Settle it once: ack(), nack() or reject(); a second time raises. */
+final class Message
+{
+    /** Messages are made by consumers and Connection::get(). */
+    private function __construct() {}
+
+    public function getBody(): string {}
+
+    public function getRoutingKey(): string {}
+
+    public function getExchange(): string {}
+
+    public function getDeliveryTag(): int {}
+
+    public function isRedelivered(): bool {}
+
+    /** Null for a message from Connection::get(). */
+    public function getConsumerTag(): ?string {}
+
+    /** The properties that are set, keyed as in Producer::publish(). */
+    public function getProperties(): array {}
+
+    public function getHeaders(): array {}
+
+    public function getHeader(string $name, mixed $default = null): mixed {}
+
+    public function getContentType(): ?string {}
+
+    public function getMessageId(): ?string {}
+
+    public function getCorrelationId(): ?string {}
+
+    public function getReplyTo(): ?string {}
+
+    public function getPriority(): ?int {}
+
+    public function getTimestamp(): ?int {}
+
+    public function getType(): ?string {}
+
+    public function getAppId(): ?string {}
+
+    public function getExpiration(): ?string {}
+
+    public function getDeliveryMode(): ?int {}
+
+    /** @throws Exception when settled already, or delivered with auto_ack */
+    public function ack(): void {}
+
+    /** @throws Exception when settled already, or delivered with auto_ack */
+    public function nack(bool $requeue = true): void {}
+
+    /** @throws Exception when settled already, or delivered with auto_ack */
+    public function reject(bool $requeue = false): void {}
+
+    public function isSettled(): bool {}
 }

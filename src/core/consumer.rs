@@ -271,6 +271,19 @@ impl Consumer {
     }
 }
 
+impl crate::core::connection::Connection {
+    /// One message by `basic.get`, or `None` when the queue is empty.
+    pub fn get(&mut self, queue: &str, auto_ack: bool) -> Result<Option<Delivery>> {
+        let name = shortstr(queue, "queue name")?;
+        let what = format!("get a message from queue '{queue}'");
+        let got = self.command(&what, |ch| async move {
+            ch.basic_get(name, lapin::options::BasicGetOptions { no_ack: auto_ack })
+                .await
+        })?;
+        Ok(got.map(|m| m.delivery))
+    }
+}
+
 type Polled = (usize, std::result::Result<Delivery, Option<lapin::Error>>);
 
 /// Polls every stream once, starting at `start` so no queue starves the others.

@@ -12,15 +12,23 @@ const MAY_BE_STRING: u32 = 1 << 6;
 const MAY_BE_ARRAY: u32 = 1 << 7;
 
 /// Parameters to widen: class, lower-case method, zero-based position, type mask.
-const UNIONS: &[(&str, &str, usize, u32)] = &[(
-    "AmqpRs\\Connection",
-    "__construct",
-    0,
-    MAY_BE_STRING | MAY_BE_ARRAY,
-)];
+const UNIONS: &[(&str, &str, usize, u32)] = &[
+    (
+        "AmqpRs\\Connection",
+        "__construct",
+        0,
+        MAY_BE_STRING | MAY_BE_ARRAY,
+    ),
+    (
+        "AmqpRs\\Connection",
+        "consumer",
+        0,
+        MAY_BE_STRING | MAY_BE_ARRAY,
+    ),
+];
 
 /// Classes whose objects only factories make.
-const FACTORY_MADE: &[&str] = &["AmqpRs\\Producer"];
+const FACTORY_MADE: &[&str] = &["AmqpRs\\Producer", "AmqpRs\\Consumer", "AmqpRs\\Message"];
 
 const ZEND_ACC_PUBLIC: u32 = 1 << 0;
 const ZEND_ACC_PRIVATE: u32 = 1 << 2;

@@ -5,10 +5,13 @@
 #![allow(non_snake_case)]
 
 use crate::core::connection::{ConnectOptions, Connection as CoreConnection, TlsOptions};
+use crate::core::consumer::ConsumerOptions;
 use crate::core::producer::ProducerOptions;
 use crate::core::topology::{ExchangeSpec, QueueSpec};
-use crate::php::convert::{to_field_table, type_name, Options, PhpArray};
-use crate::php::exceptions::{guard, invalid_argument, type_error};
+use crate::php::consumer::Consumer;
+use crate::php::convert::{string_list, to_field_table, Options, PhpArray, StringOrList};
+use crate::php::exceptions::{guard, invalid_argument};
+use crate::php::message::Message;
 use crate::php::producer::Producer;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::convert::{FromZval, StubLiteral};
@@ -47,36 +50,12 @@ impl StubLiteral for UriArg<'_> {
 
 impl UriArg<'_> {
     fn uris(&self) -> PhpResult<Vec<String>> {
-        let zval = match self {
-            UriArg::Default => return Ok(vec![DEFAULT_URI.to_string()]),
-            UriArg::Given(z) => z.dereference(),
-        };
-        let must_be = |got: &Zval| {
-            type_error(format!(
-                "AmqpRs\\Connection::__construct(): Argument #1 ($uri) must be of type string|array, {} given",
-                type_name(got)
-            ))
-        };
-        if let Some(s) = zval.str() {
-            return Ok(vec![s.to_string()]);
+        match self {
+            UriArg::Default => Ok(vec![DEFAULT_URI.to_string()]),
+            UriArg::Given(z) => {
+                string_list(z, "AmqpRs\\Connection::__construct(): Argument #1 ($uri)")
+            }
         }
-        let list = zval.array().ok_or_else(|| must_be(zval))?;
-        if list.is_empty() {
-            return Err(invalid_argument(
-                "AmqpRs\\Connection::__construct(): the list of URIs is empty",
-            ));
-        }
-        list.values()
-            .enumerate()
-            .map(|(i, v)| {
-                v.dereference().str().map(str::to_string).ok_or_else(|| {
-                    type_error(format!(
-                        "AmqpRs\\Connection::__construct(): URI #{i} of the list must be of type string, {} given",
-                        type_name(v)
-                    ))
-                })
-            })
-            .collect()
     }
 }
 
@@ -284,6 +263,61 @@ impl Connection {
                 mandatory: opts.bool("mandatory", defaults.mandatory)?,
             };
             Ok(Producer::new(self.inner.producer(options)?))
+        })
+    }
+
+    /// A consumer of one queue or a list of queues: `prefetch` (default 100), `auto_ack`,
+    /// `exclusive`, `consumer_tag`, `arguments`, `priority`.
+    #[php(defaults(options = PhpArray::EMPTY))]
+    pub fn consumer(
+        &mut self,
+        queues: StringOrList<'_>,
+        options: PhpArray<'_>,
+    ) -> PhpResult<Consumer> {
+        guard("AmqpRs\\Connection::consumer()", || {
+            let queues = string_list(
+                queues.0,
+                "AmqpRs\\Connection::consumer(): Argument #1 ($queues)",
+            )?;
+            let opts = Options::new(
+                options.table(),
+                &[
+                    "prefetch",
+                    "auto_ack",
+                    "exclusive",
+                    "consumer_tag",
+                    "arguments",
+                    "priority",
+                ],
+                "consumer options",
+            )?;
+            let priority = match opts.get("priority") {
+                None => None,
+                Some(_) => Some(opts.int_in(
+                    "priority",
+                    0,
+                    i64::from(i32::MIN)..=i64::from(i32::MAX),
+                )? as i32),
+            };
+            let options = ConsumerOptions {
+                prefetch: opts.int_in("prefetch", 100, 0..=65535)? as u16,
+                auto_ack: opts.bool("auto_ack", false)?,
+                exclusive: opts.bool("exclusive", false)?,
+                consumer_tag: opts.string("consumer_tag")?,
+                arguments: opts.field_table("arguments")?,
+                priority,
+            };
+            let core = self.inner.consumer(&queues, &options)?;
+            Ok(Consumer::new(core, options.auto_ack))
+        })
+    }
+
+    /// One message by basic.get, or null when the queue is empty.
+    #[php(defaults(autoAck = false))]
+    pub fn get(&mut self, queue: &str, autoAck: bool) -> PhpResult<Option<Message>> {
+        guard("AmqpRs\\Connection::get()", || {
+            let delivery = self.inner.get(queue, autoAck)?;
+            Ok(delivery.map(|d| Message::new(d, None, autoAck)))
         })
     }
 

@@ -335,3 +335,87 @@ pub fn to_properties(array: Option<&ZendHashTable>) -> PhpResult<lapin::BasicPro
     }
     Ok(props)
 }
+
+/// Converts an AMQP field value to a PHP value: strings stay bytes, every integer width
+/// becomes int, float/double float, decimal float, void null, arrays lists, tables arrays.
+pub fn from_amqp_value(value: &AMQPValue) -> PhpResult<Zval> {
+    let mut zval = Zval::new();
+    match value {
+        AMQPValue::Boolean(b) => zval.set_bool(*b),
+        AMQPValue::ShortShortInt(i) => zval.set_long(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => zval.set_long(i64::from(*i)),
+        AMQPValue::ShortInt(i) => zval.set_long(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => zval.set_long(i64::from(*i)),
+        AMQPValue::LongInt(i) => zval.set_long(i64::from(*i)),
+        AMQPValue::LongUInt(i) => zval.set_long(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => zval.set_long(*i),
+        AMQPValue::Timestamp(t) => zval.set_long(i64::try_from(*t).unwrap_or(i64::MAX)),
+        AMQPValue::Float(f) => zval.set_double(f64::from(*f)),
+        AMQPValue::Double(f) => zval.set_double(*f),
+        AMQPValue::DecimalValue(d) => {
+            zval.set_double(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::ShortString(s) => zval.set_binary(s.as_str().as_bytes().to_vec()),
+        AMQPValue::LongString(s) => zval.set_binary(s.as_bytes().to_vec()),
+        AMQPValue::ByteArray(b) => zval.set_binary(b.as_slice().to_vec()),
+        AMQPValue::FieldArray(items) => {
+            let mut list = ZendHashTable::with_capacity(items.as_slice().len() as u32);
+            for item in items.as_slice() {
+                list.push(from_amqp_value(item)?)?;
+            }
+            zval.set_hashtable(list);
+        }
+        AMQPValue::FieldTable(table) => zval.set_hashtable(from_field_table(table)?),
+        AMQPValue::Void => zval.set_null(),
+    }
+    Ok(zval)
+}
+
+/// Converts an AMQP field table to a PHP array.
+pub fn from_field_table(table: &FieldTable) -> PhpResult<ext_php_rs::boxed::ZBox<ZendHashTable>> {
+    let mut array = ZendHashTable::with_capacity(table.inner().len() as u32);
+    for (key, value) in table.inner() {
+        array.insert(key.as_str(), from_amqp_value(value)?)?;
+    }
+    Ok(array)
+}
+
+/// A `string|array` argument read as a non-empty list of strings; `what` is the PHP name of
+/// the parameter in errors (`AmqpRs\Connection::__construct(): Argument #1 ($uri)`).
+pub fn string_list(zval: &Zval, what: &str) -> PhpResult<Vec<String>> {
+    let zval = zval.dereference();
+    if let Some(s) = zval.str() {
+        return Ok(vec![s.to_string()]);
+    }
+    let list = zval.array().ok_or_else(|| {
+        type_error(format!(
+            "{what} must be of type string|array, {} given",
+            type_name(zval)
+        ))
+    })?;
+    if list.is_empty() {
+        return Err(invalid_argument(format!("{what}: the list is empty")));
+    }
+    list.values()
+        .enumerate()
+        .map(|(i, v)| {
+            v.dereference().str().map(str::to_string).ok_or_else(|| {
+                type_error(format!(
+                    "{what}: item #{i} of the list must be of type string, {} given",
+                    type_name(v)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// A `string|array` parameter: ext-php-rs declares it `mixed`, `arginfo` narrows the type.
+pub struct StringOrList<'a>(pub &'a Zval);
+
+impl<'a> FromZval<'a> for StringOrList<'a> {
+    const TYPE: DataType = DataType::Mixed;
+
+    fn from_zval(zval: &'a Zval) -> Option<Self> {
+        Some(StringOrList(zval))
+    }
+}

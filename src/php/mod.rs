@@ -3,6 +3,8 @@
 
 pub mod arginfo;
 pub mod connection;
+pub mod consumer;
 pub mod convert;
 pub mod exceptions;
+pub mod message;
 pub mod producer;

@@ -1,0 +1,222 @@
+//! `AmqpRs\Consumer`: the worker loop that calls a PHP callable for each delivery.
+
+use crate::core::consumer::{Consumer as CoreConsumer, Settlement};
+use crate::core::error::ErrorKind;
+use crate::php::convert::{Options, PhpArray};
+use crate::php::exceptions::{guard, invalid_argument, ExceptionClass};
+use crate::php::message::Message;
+use ext_php_rs::convert::IntoZval;
+use ext_php_rs::exception::{PhpException, PhpResult};
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::ZendCallable;
+use ext_php_rs::types::ZendClassObject;
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+/// How long the loop waits for a delivery before it looks at its limits and lets PHP run its
+/// pending signal handlers.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Consumes one or more queues; made by `Connection::consumer()`.
+#[php_class]
+#[php(name = "AmqpRs\\Consumer")]
+#[php(flags = ext_php_rs::flags::ClassFlags::Final)]
+pub struct Consumer {
+    // RefCell/Cell: the callback may call stop() or cancel() on this very object while
+    // consume() runs.
+    inner: RefCell<CoreConsumer>,
+    auto_ack: bool,
+    stop: Cell<bool>,
+    cancel_requested: Cell<bool>,
+}
+
+/// What a callback that throws does to its message.
+#[derive(Clone, Copy)]
+enum OnError {
+    Requeue,
+    Reject,
+}
+
+impl Consumer {
+    /// Wraps a core consumer made by `Connection::consumer()`.
+    pub(crate) fn new(inner: CoreConsumer, auto_ack: bool) -> Self {
+        Self {
+            inner: RefCell::new(inner),
+            auto_ack,
+            stop: Cell::new(false),
+            cancel_requested: Cell::new(false),
+        }
+    }
+
+    fn run(&self, callback: &ZendCallable<'_>, options: &PhpArray<'_>) -> PhpResult<i64> {
+        let ctx = "consume() options";
+        let opts = Options::new(
+            options.table(),
+            &[
+                "max_messages",
+                "max_time",
+                "idle_timeout",
+                "memory_limit",
+                "stop_signals",
+                "on_error",
+            ],
+            ctx,
+        )?;
+        let max_messages = opts.int_in("max_messages", 0, 0..=i64::MAX)?;
+        let max_time = seconds(&opts, "max_time")?;
+        let idle_timeout = seconds(&opts, "idle_timeout")?;
+        let memory_limit =
+            opts.int_in("memory_limit", 0, 0..=i64::MAX / (1024 * 1024))? * 1024 * 1024;
+        let on_error = match opts.string("on_error")?.as_deref() {
+            None | Some("requeue") => OnError::Requeue,
+            Some("reject") => OnError::Reject,
+            Some(other) => {
+                return Err(invalid_argument(format!(
+                    "{ctx}: option 'on_error' must be 'requeue' or 'reject', got '{other}'"
+                )))
+            }
+        };
+        let started = Instant::now();
+        let mut last_activity = started;
+        let mut handled: i64 = 0;
+        self.stop.set(false);
+        loop {
+            if self.cancel_requested.take() {
+                self.inner.borrow_mut().cancel()?;
+            }
+            if self.stop.get() {
+                break;
+            }
+            if max_messages > 0 && handled >= max_messages {
+                break;
+            }
+            let now = Instant::now();
+            let mut wait = TICK;
+            if let Some(limit) = max_time {
+                let Some(left) = limit.checked_sub(now - started) else {
+                    break;
+                };
+                wait = wait.min(left);
+            }
+            if let Some(limit) = idle_timeout {
+                let Some(left) = limit.checked_sub(now - last_activity) else {
+                    break;
+                };
+                wait = wait.min(left);
+            }
+            let next = self.inner.borrow_mut().next(wait);
+            let incoming = match next {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => {
+                    dispatch_php_signals();
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::Other && self.cancel_requested.get() => break,
+                Err(e) => return Err(e.into()),
+            };
+            last_activity = Instant::now();
+            let message = Message::new(
+                incoming.delivery,
+                Some(incoming.consumer_tag),
+                self.auto_ack,
+            );
+            let mut object = ZendClassObject::new(message);
+            let result = {
+                let zval = (&mut *object).into_zval(false)?;
+                callback.try_call(vec![&zval])
+            };
+            handled += 1;
+            match result {
+                Ok(_) => {
+                    if object.needs_settling() {
+                        object.settle_once(Settlement::Ack, "settle after the callback")?;
+                    }
+                }
+                Err(_) => {
+                    // The callback threw: settle per on_error, then let its exception leave
+                    // consume() unchanged (it is still pending in the engine).
+                    if object.needs_settling() {
+                        let how = match on_error {
+                            OnError::Requeue => Settlement::Nack { requeue: true },
+                            OnError::Reject => Settlement::Reject { requeue: false },
+                        };
+                        let _ = object.settle_once(how, "settle after the callback threw");
+                    }
+                    // The pending exception wins over this one (see PhpException::throw).
+                    return Err(PhpException::new(
+                        "the consume() callback threw".to_string(),
+                        0,
+                        ExceptionClass::Base.ce(),
+                    ));
+                }
+            }
+            if memory_limit > 0 && php_memory_usage() >= memory_limit {
+                break;
+            }
+        }
+        Ok(handled)
+    }
+}
+
+fn seconds(opts: &Options<'_>, key: &str) -> PhpResult<Option<Duration>> {
+    let value = opts.float(key, 0.0)?;
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(invalid_argument(format!(
+            "consume() options: option '{key}' must be a number of seconds >= 0, got {value}"
+        )));
+    }
+    Ok((value > 0.0).then(|| Duration::from_secs_f64(value)))
+}
+
+/// Lets PHP run the pcntl handlers of signals that arrived while we waited in Rust.
+fn dispatch_php_signals() {
+    if let Ok(dispatch) = ZendCallable::try_from_name("pcntl_signal_dispatch") {
+        let _ = dispatch.try_call(vec![]);
+    }
+}
+
+/// PHP's own memory use in bytes, as `memory_get_usage()` reports it.
+fn php_memory_usage() -> i64 {
+    ZendCallable::try_from_name("memory_get_usage")
+        .ok()
+        .and_then(|f| f.try_call(vec![]).ok())
+        .and_then(|z| z.long())
+        .unwrap_or(0)
+}
+
+#[php_impl]
+impl Consumer {
+    /// Calls `$callback(Message $m)` for each delivery until a limit, stop() or a signal;
+    /// returns how many messages were handled.
+    #[php(defaults(options = PhpArray::EMPTY))]
+    pub fn consume(&self, callback: ZendCallable<'_>, options: PhpArray<'_>) -> PhpResult<i64> {
+        guard("AmqpRs\\Consumer::consume()", || {
+            if self.inner.try_borrow_mut().is_err() {
+                return Err(invalid_argument(
+                    "consume() is already running on this consumer",
+                ));
+            }
+            self.run(&callback, &options)
+        })
+    }
+
+    /// Makes consume() return after the message in hand.
+    pub fn stop(&self) {
+        self.stop.set(true);
+    }
+
+    /// Cancels the subscription (basic.cancel); from inside a callback it takes effect when the
+    /// callback returns.
+    pub fn cancel(&self) -> PhpResult<()> {
+        guard("AmqpRs\\Consumer::cancel()", || {
+            match self.inner.try_borrow_mut() {
+                Ok(mut inner) => Ok(inner.cancel()?),
+                Err(_) => {
+                    self.cancel_requested.set(true);
+                    self.stop.set(true);
+                    Ok(())
+                }
+            }
+        })
+    }
+}

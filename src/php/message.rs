@@ -1,0 +1,255 @@
+//! `AmqpRs\Message`: a delivered message, its properties and its settlement.
+
+use crate::core::consumer::{settle, Settlement};
+use crate::php::convert::{from_amqp_value, from_field_table};
+use crate::php::exceptions::{guard, ExceptionClass};
+use ext_php_rs::binary::Binary;
+use ext_php_rs::boxed::ZBox;
+use ext_php_rs::exception::{PhpException, PhpResult};
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendHashTable, Zval};
+use lapin::types::ShortString;
+use lapin::{Acker, BasicProperties};
+
+/// A message delivered by a consumer or fetched with `Connection::get()`.
+#[php_class]
+#[php(name = "AmqpRs\\Message")]
+#[php(flags = ext_php_rs::flags::ClassFlags::Final)]
+pub struct Message {
+    body: Vec<u8>,
+    routing_key: String,
+    exchange: String,
+    delivery_tag: u64,
+    redelivered: bool,
+    consumer_tag: Option<String>,
+    properties: BasicProperties,
+    /// None when the broker considers it settled already (auto_ack).
+    acker: Option<Acker>,
+    settled: bool,
+}
+
+fn short(value: &Option<ShortString>) -> Option<String> {
+    value.as_ref().map(|s| s.as_str().to_string())
+}
+
+impl Message {
+    /// A message from a delivery; `acker` is None in auto-ack mode.
+    pub(crate) fn new(
+        delivery: lapin::message::Delivery,
+        consumer_tag: Option<String>,
+        auto_ack: bool,
+    ) -> Self {
+        Self {
+            body: delivery.data,
+            routing_key: delivery.routing_key.as_str().to_string(),
+            exchange: delivery.exchange.as_str().to_string(),
+            delivery_tag: delivery.delivery_tag,
+            redelivered: delivery.redelivered,
+            consumer_tag,
+            properties: delivery.properties,
+            acker: (!auto_ack).then_some(delivery.acker),
+            settled: auto_ack,
+        }
+    }
+
+    /// Whether the message still waits for ack/nack/reject.
+    pub(crate) fn needs_settling(&self) -> bool {
+        !self.settled && self.acker.is_some()
+    }
+
+    /// Settles it once; a second settlement, or one in auto-ack mode, is an `AmqpRs\Exception`.
+    pub(crate) fn settle_once(&mut self, how: Settlement, what: &str) -> PhpResult<()> {
+        let Some(acker) = self.acker.as_ref() else {
+            return Err(PhpException::new(
+                format!("{what}: the message was delivered with auto_ack, the broker settled it already"),
+                0,
+                ExceptionClass::Base.ce(),
+            ));
+        };
+        if self.settled {
+            return Err(PhpException::new(
+                format!("{what}: message {} is settled already", self.delivery_tag),
+                0,
+                ExceptionClass::Base.ce(),
+            ));
+        }
+        self.settled = true;
+        settle(acker, how)?;
+        Ok(())
+    }
+}
+
+#[php_impl]
+impl Message {
+    /// The body, any bytes.
+    pub fn get_body(&self) -> Binary<u8> {
+        Binary::from(self.body.clone())
+    }
+
+    /// The routing key it was published with.
+    pub fn get_routing_key(&self) -> String {
+        self.routing_key.clone()
+    }
+
+    /// The exchange it was published to ('' for the default exchange).
+    pub fn get_exchange(&self) -> String {
+        self.exchange.clone()
+    }
+
+    /// The delivery tag on its channel.
+    pub fn get_delivery_tag(&self) -> i64 {
+        i64::try_from(self.delivery_tag).unwrap_or(i64::MAX)
+    }
+
+    /// Whether the broker delivered it before (to this or another consumer).
+    pub fn is_redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Tag of the consumer that received it; null for `Connection::get()`.
+    pub fn get_consumer_tag(&self) -> Option<String> {
+        self.consumer_tag.clone()
+    }
+
+    /// The properties that are set, keyed as in `Producer::publish()`.
+    pub fn get_properties(&self) -> PhpResult<ZBox<ZendHashTable>> {
+        guard("AmqpRs\\Message::getProperties()", || {
+            let p = &self.properties;
+            let mut out = ZendHashTable::new();
+            let strings = [
+                ("content_type", p.content_type()),
+                ("content_encoding", p.content_encoding()),
+                ("correlation_id", p.correlation_id()),
+                ("reply_to", p.reply_to()),
+                ("expiration", p.expiration()),
+                ("message_id", p.message_id()),
+                ("type", p.kind()),
+                ("user_id", p.user_id()),
+                ("app_id", p.app_id()),
+            ];
+            for (key, value) in strings {
+                if let Some(v) = value {
+                    out.insert(key, v.as_str())?;
+                }
+            }
+            if let Some(headers) = p.headers() {
+                out.insert("headers", from_field_table(headers)?)?;
+            }
+            if let Some(v) = p.delivery_mode() {
+                out.insert("delivery_mode", i64::from(*v))?;
+            }
+            if let Some(v) = p.priority() {
+                out.insert("priority", i64::from(*v))?;
+            }
+            if let Some(v) = p.timestamp() {
+                out.insert("timestamp", i64::try_from(*v).unwrap_or(i64::MAX))?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// The headers table as a PHP array ([] when none).
+    pub fn get_headers(&self) -> PhpResult<ZBox<ZendHashTable>> {
+        match self.properties.headers() {
+            Some(headers) => from_field_table(headers),
+            None => Ok(ZendHashTable::new()),
+        }
+    }
+
+    /// One header, or `$default` when absent.
+    pub fn get_header(&self, name: &str, default: Option<&Zval>) -> PhpResult<Zval> {
+        let found = self
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name));
+        match found {
+            Some(value) => from_amqp_value(value),
+            None => Ok(default.map(Zval::shallow_clone).unwrap_or_else(|| {
+                let mut null = Zval::new();
+                null.set_null();
+                null
+            })),
+        }
+    }
+
+    /// `content_type` property.
+    pub fn get_content_type(&self) -> Option<String> {
+        short(self.properties.content_type())
+    }
+
+    /// `message_id` property.
+    pub fn get_message_id(&self) -> Option<String> {
+        short(self.properties.message_id())
+    }
+
+    /// `correlation_id` property.
+    pub fn get_correlation_id(&self) -> Option<String> {
+        short(self.properties.correlation_id())
+    }
+
+    /// `reply_to` property.
+    pub fn get_reply_to(&self) -> Option<String> {
+        short(self.properties.reply_to())
+    }
+
+    /// `priority` property.
+    pub fn get_priority(&self) -> Option<i64> {
+        self.properties.priority().map(i64::from)
+    }
+
+    /// `timestamp` property (seconds).
+    pub fn get_timestamp(&self) -> Option<i64> {
+        self.properties
+            .timestamp()
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
+    }
+
+    /// `type` property.
+    pub fn get_type(&self) -> Option<String> {
+        short(self.properties.kind())
+    }
+
+    /// `app_id` property.
+    pub fn get_app_id(&self) -> Option<String> {
+        short(self.properties.app_id())
+    }
+
+    /// `expiration` property (milliseconds, as the string AMQP carries).
+    pub fn get_expiration(&self) -> Option<String> {
+        short(self.properties.expiration())
+    }
+
+    /// `delivery_mode` property: 1 transient, 2 persistent.
+    pub fn get_delivery_mode(&self) -> Option<i64> {
+        self.properties.delivery_mode().map(i64::from)
+    }
+
+    /// Acknowledges it: handled.
+    pub fn ack(&mut self) -> PhpResult<()> {
+        guard("AmqpRs\\Message::ack()", || {
+            self.settle_once(Settlement::Ack, "AmqpRs\\Message::ack()")
+        })
+    }
+
+    /// Not handled: requeued, or dead-lettered with `$requeue = false`.
+    #[php(defaults(requeue = true))]
+    pub fn nack(&mut self, requeue: bool) -> PhpResult<()> {
+        guard("AmqpRs\\Message::nack()", || {
+            self.settle_once(Settlement::Nack { requeue }, "AmqpRs\\Message::nack()")
+        })
+    }
+
+    /// Refused: dead-lettered, or requeued with `$requeue = true`.
+    #[php(defaults(requeue = false))]
+    pub fn reject(&mut self, requeue: bool) -> PhpResult<()> {
+        guard("AmqpRs\\Message::reject()", || {
+            self.settle_once(Settlement::Reject { requeue }, "AmqpRs\\Message::reject()")
+        })
+    }
+
+    /// Whether it was acked, nacked or rejected (always true with auto_ack).
+    pub fn is_settled(&self) -> bool {
+        self.settled
+    }
+}
