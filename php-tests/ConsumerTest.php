@@ -289,4 +289,20 @@ final class ConsumerTest extends TestCase
         $this->expectException(TypeError::class);
         $this->conn->consumer($this->queue)->consume('no_such_function_anywhere');
     }
+
+    public function testHeartbeatsAreKeptWhileACallbackWorksForSeconds(): void
+    {
+        // heartbeat 1 s: a client that misses two would be disconnected by the broker within
+        // ~2 s; the callback blocks PHP for 5 s and the ack must still land afterwards.
+        $conn = new Connection(Broker::URI, ['heartbeat' => 1, 'name' => Broker::unique('hb')]);
+        $this->publish(1);
+        $n = $conn->consumer($this->queue)->consume(function () {
+            sleep(5);
+        }, ['max_messages' => 1]);
+        $this->assertSame(1, $n);
+        $this->assertTrue($conn->isConnected());
+        $conn->close();
+        usleep(200_000);
+        $this->assertSame(0, $this->total(), 'the ack landed');
+    }
 }

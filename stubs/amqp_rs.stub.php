@@ -183,9 +183,13 @@ final class Consumer
      * 'reject' to dead-letter it), and its exception leaves consume() unchanged.
      *
      * @param callable(Message): mixed $callback
+     * Stop signals (default SIGTERM and SIGINT): while consume() runs they make it return
+     * after the message in hand is settled, within a fraction of a second when idle; a pcntl
+     * handler you installed for them still runs.
+     *
      * @param array{max_messages?: int, max_time?: float, idle_timeout?: float,
-     *     memory_limit?: int, on_error?: 'requeue'|'reject'} $options max_time and idle_timeout
-     *     in seconds, memory_limit in MiB of PHP memory
+     *     memory_limit?: int, stop_signals?: list<int>, on_error?: 'requeue'|'reject'} $options
+     *     max_time and idle_timeout in seconds, memory_limit in MiB of PHP memory
      * @throws ChannelException when the broker cancels the consumer (e.g. its queue was deleted)
      */
     public function consume(callable $callback, array $options = []): int {}

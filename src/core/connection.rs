@@ -385,6 +385,8 @@ impl Connection {
                 }
             }
         }
+        // Acks of messages settled outside consume() (Connection::get) go out before the close.
+        let _ = crate::core::consumer::flush_settlements(CLOSE_TIMEOUT);
         self.link.close()?;
         if let Some(err) = channel_error {
             return Err(err);

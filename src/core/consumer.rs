@@ -70,6 +70,13 @@ pub enum Settlement {
     },
 }
 
+type SettleFuture = Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send>>;
+
+/// Settlements handed to lapin whose frame may not be written yet. lapin routes them through
+/// its internal RPC queue; `flush_settlements()` waits for them so that a worker that stops
+/// (or a connection that closes) never leaves an ack behind.
+static UNFLUSHED: std::sync::Mutex<Vec<SettleFuture>> = std::sync::Mutex::new(Vec::new());
+
 /// Sends a settlement without waiting for the broker (AMQP has no answer to it).
 ///
 /// An acker from a channel that was closed since the delivery refuses quietly (`Ok(false)`):
@@ -78,23 +85,49 @@ pub fn settle(acker: &Acker, how: Settlement) -> Result<bool> {
     if !acker.usable() {
         return Ok(false);
     }
-    let mut future: Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send + '_>> = match how {
-        Settlement::Ack => Box::pin(acker.ack(BasicAckOptions::default())),
-        Settlement::Nack { requeue } => Box::pin(acker.nack(BasicNackOptions {
-            multiple: false,
-            requeue,
-        })),
-        Settlement::Reject { requeue } => Box::pin(acker.reject(BasicRejectOptions { requeue })),
+    let acker = acker.clone();
+    let mut future: SettleFuture = match how {
+        Settlement::Ack => Box::pin(async move { acker.ack(BasicAckOptions::default()).await }),
+        Settlement::Nack { requeue } => Box::pin(async move {
+            acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue,
+                })
+                .await
+        }),
+        Settlement::Reject { requeue } => {
+            Box::pin(async move { acker.reject(BasicRejectOptions { requeue }).await })
+        }
     };
-    match future
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
+    let mut cx = Context::from_waker(Waker::noop());
+    match future.as_mut().poll(&mut cx) {
         Poll::Ready(Err(e)) => Err(Error::from_lapin(&e, "settle a delivery")),
         Poll::Ready(Ok(done)) => Ok(done),
-        // The frame is queued; the rest of the future only waits for it to be written.
-        Poll::Pending => Ok(true),
+        Poll::Pending => {
+            let mut unflushed = UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner());
+            unflushed.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
+            unflushed.push(future);
+            Ok(true)
+        }
     }
+}
+
+/// Waits (at most `limit`) until every settlement sent so far was handed to the socket.
+pub fn flush_settlements(limit: Duration) -> Result<()> {
+    let mut unflushed = std::mem::take(&mut *UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner()));
+    runtime::park_on(
+        std::future::poll_fn(|cx| {
+            unflushed.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+            if unflushed.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }),
+        limit,
+        "send the last acknowledgements",
+    )
 }
 
 /// A delivery and the tag of the consumer that got it.

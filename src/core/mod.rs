@@ -7,6 +7,7 @@ pub mod frame_size;
 pub mod producer;
 pub mod runtime;
 pub mod shortstr;
+pub mod stop_signals;
 pub mod topology;
 pub mod uri;
 

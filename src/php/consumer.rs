@@ -1,9 +1,11 @@
 //! `AmqpRs\Consumer`: the worker loop that calls a PHP callable for each delivery.
 
-use crate::core::consumer::{Consumer as CoreConsumer, Settlement};
+use crate::core::connection::COMMAND_TIMEOUT;
+use crate::core::consumer::{flush_settlements, Consumer as CoreConsumer, Settlement};
 use crate::core::error::ErrorKind;
+use crate::core::stop_signals::StopSignals;
 use crate::php::convert::{Options, PhpArray};
-use crate::php::exceptions::{guard, invalid_argument, ExceptionClass};
+use crate::php::exceptions::{guard, invalid_argument, type_error, ExceptionClass};
 use crate::php::message::Message;
 use ext_php_rs::convert::IntoZval;
 use ext_php_rs::exception::{PhpException, PhpResult};
@@ -76,6 +78,24 @@ impl Consumer {
                 )))
             }
         };
+        let signals = match opts.array("stop_signals")? {
+            None => vec![i64::from(libc::SIGTERM), i64::from(libc::SIGINT)],
+            Some(list) => list
+                .values()
+                .map(|v| {
+                    v.dereference().long().ok_or_else(|| {
+                        type_error(format!(
+                            "{ctx}: 'stop_signals' must be a list of signal numbers"
+                        ))
+                    })
+                })
+                .collect::<PhpResult<Vec<i64>>>()?,
+        };
+        let with_chain: Vec<(i64, bool)> = signals
+            .iter()
+            .map(|&sig| (sig, has_pcntl_handler(sig)))
+            .collect();
+        let stop_signals = StopSignals::install(&with_chain)?;
         let started = Instant::now();
         let mut last_activity = started;
         let mut handled: i64 = 0;
@@ -84,7 +104,7 @@ impl Consumer {
             if self.cancel_requested.take() {
                 self.inner.borrow_mut().cancel()?;
             }
-            if self.stop.get() {
+            if self.stop.get() || stop_signals.triggered() {
                 break;
             }
             if max_messages > 0 && handled >= max_messages {
@@ -142,6 +162,7 @@ impl Consumer {
                         };
                         let _ = object.settle_once(how, "settle after the callback threw");
                     }
+                    let _ = flush_settlements(COMMAND_TIMEOUT);
                     // The pending exception wins over this one (see PhpException::throw).
                     return Err(PhpException::new(
                         "the consume() callback threw".to_string(),
@@ -154,6 +175,7 @@ impl Consumer {
                 break;
             }
         }
+        flush_settlements(COMMAND_TIMEOUT)?;
         Ok(handled)
     }
 }
@@ -173,6 +195,14 @@ fn dispatch_php_signals() {
     if let Ok(dispatch) = ZendCallable::try_from_name("pcntl_signal_dispatch") {
         let _ = dispatch.try_call(vec![]);
     }
+}
+
+/// Whether the user installed a pcntl handler (a callable) for `sig`.
+fn has_pcntl_handler(sig: i64) -> bool {
+    ZendCallable::try_from_name("pcntl_signal_get_handler")
+        .ok()
+        .and_then(|f| f.try_call(vec![&sig]).ok())
+        .is_some_and(|handler| !handler.is_long() && !handler.is_null())
 }
 
 /// PHP's own memory use in bytes, as `memory_get_usage()` reports it.
