@@ -198,8 +198,8 @@ fn tls_config(tls: &TlsOptions) -> Result<OwnedTLSConfig> {
 }
 
 async fn connect_one(
-    endpoint: &Endpoint,
-    options: &ConnectOptions,
+    endpoint: Endpoint,
+    options: ConnectOptions,
     tls: OwnedTLSConfig,
     handle: tokio::runtime::Handle,
 ) -> Result<lapin::Connection> {
@@ -263,11 +263,23 @@ impl Connection {
         let (handle, generation) = runtime::current()?;
         let mut failures = Vec::new();
         for endpoint in &endpoints {
-            let attempt = connect_one(endpoint, options, tls.clone(), handle.clone());
+            // Spawned, so lapin's io-loop thread is started from (and inherits the scheduling
+            // policy of) a runtime worker, not the PHP thread.
+            let attempt = handle.spawn(connect_one(
+                endpoint.clone(),
+                options.clone(),
+                tls.clone(),
+                handle.clone(),
+            ));
             // The inner timeout bounds the attempt; this outer one only guards against a
             // runtime that stopped answering.
             let limit = options.connect_timeout + Duration::from_secs(1);
             match runtime::block_on(attempt, limit, &format!("connect to {}", endpoint.display))
+                .and_then(|joined| {
+                    joined.map_err(|e| {
+                        Error::connection(format!("cannot connect to {}: {e}", endpoint.display))
+                    })
+                })
                 .and_then(|r| r)
             {
                 Ok(inner) => {
@@ -437,6 +449,29 @@ pub(crate) mod tests {
         conn.close().expect("second close is a no-op");
         let err = conn.ensure_usable("declare").expect_err("closed");
         assert_eq!(err.kind(), ErrorKind::Connection);
+    }
+
+    #[test]
+    fn io_loop_threads_run_as_batch_and_do_not_preempt_the_php_thread() {
+        let _conn = connect();
+        let mut io_loops = 0;
+        for task in std::fs::read_dir("/proc/self/task").expect("proc") {
+            let path = task.expect("task").path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim() != "lapin-io-loop" {
+                continue;
+            }
+            let tid: i32 = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+                .expect("tid");
+            // SAFETY: reads the policy of a thread of this process.
+            let policy = unsafe { libc::sched_getscheduler(tid) };
+            assert_eq!(policy, libc::SCHED_BATCH, "io-loop thread {tid}");
+            io_loops += 1;
+        }
+        assert!(io_loops >= 1);
     }
 
     #[test]

@@ -85,6 +85,20 @@ type PublishFuture = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + 
 struct InFlight {
     future: PublishFuture,
     meta: Meta,
+    /// The result, once the future gave it (it may resolve before older publishes).
+    outcome: Option<lapin::Result<Confirmation>>,
+}
+
+impl InFlight {
+    /// Polls unless already resolved; true once the outcome is in.
+    fn resolved(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.outcome.is_none() {
+            if let Poll::Ready(result) = self.future.as_mut().poll(cx) {
+                self.outcome = Some(result);
+            }
+        }
+        self.outcome.is_some()
+    }
 }
 
 impl Meta {
@@ -213,7 +227,11 @@ impl Producer {
         };
         match future.as_mut().poll(&mut cx) {
             Poll::Ready(result) => self.settle(&meta, result),
-            Poll::Pending => self.in_flight.push_back(InFlight { future, meta }),
+            Poll::Pending => self.in_flight.push_back(InFlight {
+                future,
+                meta,
+                outcome: None,
+            }),
         }
         Ok(())
     }
@@ -360,24 +378,46 @@ impl Producer {
 
 /// Settles in-flight publishes from the front while they are resolved, until `keep` remain;
 /// Pending as soon as the oldest is not. Resolved ones go to `done` in order.
+///
+/// Confirms normally arrive in publish order, so the waker goes to the last publish the caller
+/// waits for: the PHP thread is woken once for the batch, not once per confirm frame. Should
+/// that one resolve first (out of order), the waker goes to the oldest instead.
 fn settle_front(
     in_flight: &mut VecDeque<InFlight>,
     keep: usize,
     cx: &mut Context<'_>,
     done: &mut Vec<(Meta, lapin::Result<Confirmation>)>,
 ) -> Poll<()> {
+    let mut noop = Context::from_waker(Waker::noop());
     while in_flight.len() > keep {
-        let Some(front) = in_flight.front_mut() else {
-            break;
+        let target = in_flight.len() - keep - 1;
+        let front_resolved = match in_flight.front_mut() {
+            Some(front) => front.resolved(&mut noop),
+            None => break,
         };
-        match front.future.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(result) => {
-                if let Some(front) = in_flight.pop_front() {
-                    done.push((front.meta, result));
+        if front_resolved {
+            if let Some(InFlight {
+                meta,
+                outcome: Some(result),
+                ..
+            }) = in_flight.pop_front()
+            {
+                done.push((meta, result));
+            }
+            continue;
+        }
+        let target_waits = match in_flight.get_mut(target) {
+            Some(last) if target != 0 => !last.resolved(cx),
+            _ => false,
+        };
+        if !target_waits {
+            if let Some(front) = in_flight.front_mut() {
+                if front.resolved(cx) {
+                    continue;
                 }
             }
         }
+        return Poll::Pending;
     }
     Poll::Ready(())
 }
@@ -417,6 +457,95 @@ mod tests {
             ..QueueSpec::default()
         };
         conn.declare_queue("", spec).expect("queue").name
+    }
+
+    /// A publish whose confirm the test releases by hand.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<std::sync::Mutex<(bool, Option<Waker>)>>);
+
+    impl Gate {
+        fn open(&self) {
+            let mut state = self.0.lock().expect("gate");
+            state.0 = true;
+            if let Some(waker) = state.1.take() {
+                waker.wake();
+            }
+        }
+
+        fn in_flight(&self, id: &str) -> InFlight {
+            let gate = self.clone();
+            InFlight {
+                future: Box::pin(std::future::poll_fn(move |cx| {
+                    let mut state = gate.0.lock().expect("gate");
+                    if state.0 {
+                        Poll::Ready(Ok(Confirmation::NotRequested))
+                    } else {
+                        state.1 = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                })),
+                meta: Meta {
+                    channel: 1,
+                    exchange: String::new(),
+                    routing_key: String::new(),
+                    message_id: Some(id.to_string()),
+                },
+                outcome: None,
+            }
+        }
+    }
+
+    /// Counts wake-ups of the waiting (PHP) thread.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_batch_wait_is_woken_by_its_last_confirm_and_settles_in_publish_order() {
+        let gates: Vec<Gate> = (0..3).map(|_| Gate::default()).collect();
+        let mut in_flight: VecDeque<InFlight> = gates
+            .iter()
+            .enumerate()
+            .map(|(i, g)| g.in_flight(&i.to_string()))
+            .collect();
+        let counter = Arc::new(CountingWaker(Default::default()));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut done = Vec::new();
+        let woken = || counter.0.load(std::sync::atomic::Ordering::SeqCst);
+
+        assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_pending());
+        gates[0].open();
+        gates[1].open();
+        assert_eq!(woken(), 0, "earlier confirms do not wake a wait for all");
+        gates[2].open();
+        assert_eq!(woken(), 1);
+        assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_ready());
+        let ids: Vec<_> = done.iter().map(|(m, _)| m.message_id.clone()).collect();
+        assert_eq!(ids, ["0", "1", "2"].map(|s| Some(s.to_string())));
+    }
+
+    #[test]
+    fn a_confirm_out_of_order_moves_the_wait_to_the_oldest() {
+        let gates: Vec<Gate> = (0..2).map(|_| Gate::default()).collect();
+        let mut in_flight: VecDeque<InFlight> = gates.iter().map(|g| g.in_flight("x")).collect();
+        let counter = Arc::new(CountingWaker(Default::default()));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut done = Vec::new();
+
+        assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_pending());
+        gates[1].open();
+        assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_pending());
+        assert!(done.is_empty(), "nothing settles before the oldest");
+        gates[0].open();
+        assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_ready());
+        assert_eq!(done.len(), 2);
     }
 
     #[test]
