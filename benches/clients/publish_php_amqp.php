@@ -1,5 +1,6 @@
 <?php
 // Publisher side of P1-P3 for php-amqp (the C extension). Args: scenario count size queue.
+require __DIR__ . '/common.php';
 [$_, $scenario, $count, $size, $queue] = $argv;
 $count = (int) $count;
 $body = str_repeat('x', (int) $size);
@@ -33,9 +34,3 @@ $elapsed = (hrtime(true) - $start) / 1e9;
 $r1 = getrusage();
 $conn->disconnect();
 echo json_encode(['elapsed' => $elapsed, 'cpu_us' => cpu_us($r0, $r1)]), "\n";
-
-function cpu_us(array $a, array $b): float
-{
-    $t = fn ($r) => $r['ru_utime.tv_sec'] * 1e6 + $r['ru_utime.tv_usec'] + $r['ru_stime.tv_sec'] * 1e6 + $r['ru_stime.tv_usec'];
-    return $t($b) - $t($a);
-}

@@ -82,12 +82,17 @@ static UNFLUSHED: std::sync::Mutex<Vec<SettleFuture>> = std::sync::Mutex::new(Ve
 /// An acker from a channel that was closed since the delivery refuses quietly (`Ok(false)`):
 /// the broker redelivers such a message, so acking it elsewhere would be wrong.
 pub fn settle(acker: &Acker, how: Settlement) -> Result<bool> {
+    send(acker, how, false)
+}
+
+/// `settle()`, with `multiple` for an ack that also covers every older unacked delivery.
+fn send(acker: &Acker, how: Settlement, multiple: bool) -> Result<bool> {
     if !acker.usable() {
         return Ok(false);
     }
     let acker = acker.clone();
     let mut future: SettleFuture = match how {
-        Settlement::Ack => Box::pin(async move { acker.ack(BasicAckOptions::default()).await }),
+        Settlement::Ack => Box::pin(async move { acker.ack(BasicAckOptions { multiple }).await }),
         Settlement::Nack { requeue } => Box::pin(async move {
             acker
                 .nack(BasicNackOptions {
@@ -113,6 +118,126 @@ pub fn settle(acker: &Acker, how: Settlement) -> Result<bool> {
     }
 }
 
+/// Acks of one consumer channel held back and sent as one `basic.ack` with `multiple`.
+///
+/// Each ack costs lapin a trip through its RPC task and the io-loop; a burst of deliveries
+/// acked one by one was the consumer's bottleneck. What is acked does not change: a multiple
+/// ack goes out only up to a tag below which every delivery of the channel is settled (held
+/// here, or already sent), so it can never cover a message the callback has not seen yet
+/// (with several queues, deliveries of one may wait while another's are handled).
+pub struct AckBatch {
+    state: std::sync::Mutex<BatchState>,
+    /// Held acks that trigger a send without waiting for the burst to end.
+    limit: usize,
+}
+
+#[derive(Default)]
+struct BatchState {
+    /// Every delivery tag up to this one is settled (held or sent).
+    watermark: u64,
+    /// Settled tags above the watermark.
+    settled_above: std::collections::BTreeSet<u64>,
+    /// Acks not sent yet, oldest first.
+    held: std::collections::VecDeque<(u64, Acker)>,
+}
+
+impl AckBatch {
+    /// A batch sending after `limit` held acks at the latest.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            state: std::sync::Mutex::new(BatchState::default()),
+            limit: limit.max(1),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Settles delivery `tag`: an ack is held, a nack or reject goes out at once.
+    pub fn settle(&self, acker: &Acker, tag: u64, how: Settlement) -> Result<bool> {
+        if !acker.usable() {
+            return Ok(false);
+        }
+        if how != Settlement::Ack {
+            let sent = send(acker, how, false)?;
+            self.state().mark_settled(tag);
+            return Ok(sent);
+        }
+        let full = {
+            let mut state = self.state();
+            state.mark_settled(tag);
+            state.held.push_back((tag, acker.clone()));
+            state.held.len() >= self.limit
+        };
+        if full {
+            self.flush(false)?;
+        }
+        Ok(true)
+    }
+
+    /// Sends the held acks: one multiple ack up to the watermark, and with `all` the rest
+    /// one by one (before going idle, so nothing stays held while no delivery comes).
+    pub fn flush(&self, all: bool) -> Result<()> {
+        // lapin may write settlements out of order (each runs as its own task): a multiple
+        // ack overtaking an earlier nack or single ack of a tag it covers would make the
+        // broker close the channel (406 unknown delivery tag). So it waits for them.
+        if has_unwritten_settlements() {
+            if !all {
+                return Ok(());
+            }
+            flush_settlements(COMMAND_TIMEOUT)?;
+        }
+        let (multiple, single) = {
+            let mut state = self.state();
+            let watermark = state.watermark;
+            let mut top: Option<(u64, Acker)> = None;
+            let mut above = std::collections::VecDeque::new();
+            for (tag, acker) in state.held.drain(..) {
+                if tag > watermark {
+                    above.push_back((tag, acker));
+                } else if top.as_ref().is_none_or(|(t, _)| tag > *t) {
+                    top = Some((tag, acker));
+                }
+            }
+            let single: Vec<_> = if all {
+                above.into_iter().collect()
+            } else {
+                state.held = above;
+                Vec::new()
+            };
+            (top, single)
+        };
+        if let Some((_, acker)) = multiple {
+            send(&acker, Settlement::Ack, true)?;
+        }
+        for (_, acker) in single {
+            send(&acker, Settlement::Ack, false)?;
+        }
+        Ok(())
+    }
+}
+
+impl BatchState {
+    fn mark_settled(&mut self, tag: u64) {
+        if tag <= self.watermark {
+            return;
+        }
+        self.settled_above.insert(tag);
+        while self.settled_above.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
+        }
+    }
+}
+
+/// Whether a settlement handed to lapin may not be written yet.
+fn has_unwritten_settlements() -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut unflushed = UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner());
+    unflushed.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
+    !unflushed.is_empty()
+}
+
 /// Waits (at most `limit`) until every settlement sent so far was handed to the socket.
 pub fn flush_settlements(limit: Duration) -> Result<()> {
     let mut unflushed = std::mem::take(&mut *UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner()));
@@ -136,6 +261,8 @@ pub struct Incoming {
     pub delivery: Delivery,
     /// Tag of the consumer it came through.
     pub consumer_tag: String,
+    /// Where its ack is held back (None with auto_ack).
+    pub batch: Option<Arc<AckBatch>>,
 }
 
 /// Consumers of one or more queues on one channel.
@@ -147,6 +274,8 @@ pub struct Consumer {
     queues: Vec<String>,
     next_stream: usize,
     cancelled: bool,
+    /// Held acks of the channel's deliveries (None with auto_ack).
+    batch: Option<Arc<AckBatch>>,
 }
 
 impl Consumer {
@@ -171,6 +300,9 @@ impl Consumer {
             queues: queues.to_vec(),
             next_stream: 0,
             cancelled: false,
+            // A quarter of the prefetch window: the broker keeps sending while acks are held.
+            batch: (!options.auto_ack)
+                .then(|| Arc::new(AckBatch::new(usize::from(options.prefetch) / 4))),
         };
         if !options.auto_ack {
             let context = format!("set prefetch {} on {endpoint}", options.prefetch);
@@ -237,8 +369,21 @@ impl Consumer {
         self.link.ensure_usable("consume")?;
         let streams = &mut *self.streams;
         let start = self.next_stream;
+        let mut ready = Some(poll_streams(
+            streams,
+            start,
+            &mut Context::from_waker(Waker::noop()),
+        ));
+        if ready.as_ref().is_some_and(Poll::is_pending) {
+            // The burst is over: send what is held before waiting for more.
+            self.flush_acks()?;
+        }
+        let streams = &mut *self.streams;
         let polled = runtime::park_on(
-            std::future::poll_fn(|cx| poll_streams(streams, start, cx)),
+            std::future::poll_fn(|cx| match ready.take() {
+                Some(Poll::Ready(polled)) => Poll::Ready(polled),
+                _ => poll_streams(streams, start, cx),
+            }),
             limit,
             "wait for a delivery",
         );
@@ -251,6 +396,7 @@ impl Consumer {
                 Ok(Some(Incoming {
                     delivery,
                     consumer_tag,
+                    batch: self.batch.clone(),
                 }))
             }
             Ok((index, Err(ended))) => {
@@ -274,11 +420,20 @@ impl Consumer {
         format!("queue {} on {}", queues.join(", "), self.link.endpoint())
     }
 
+    /// Sends every held ack (before the worker stops or waits).
+    pub fn flush_acks(&self) -> Result<()> {
+        match &self.batch {
+            Some(batch) => batch.flush(true),
+            None => Ok(()),
+        }
+    }
+
     /// Stops the deliveries (basic.cancel); messages already delivered can still be settled.
     pub fn cancel(&mut self) -> Result<()> {
         if self.cancelled {
             return Ok(());
         }
+        self.flush_acks()?;
         self.cancelled = true;
         let Some(channel) = self.channel.as_ref().cloned() else {
             return Ok(());
@@ -341,6 +496,7 @@ fn poll_streams(
 impl Drop for Consumer {
     fn drop(&mut self) {
         if self.link.is_own() {
+            let _ = self.flush_acks();
             // SAFETY: dropped exactly once, here, and never used again.
             unsafe {
                 ManuallyDrop::drop(&mut self.streams);
@@ -396,6 +552,137 @@ mod tests {
             .expect("ok")
             .is_none());
         consumer.cancel().expect("cancel");
+    }
+
+    #[test]
+    fn the_watermark_only_passes_tags_settled_without_gaps() {
+        let mut state = BatchState::default();
+        state.mark_settled(2);
+        state.mark_settled(3);
+        assert_eq!(state.watermark, 0, "tag 1 is still with the callback");
+        state.mark_settled(1);
+        assert_eq!(state.watermark, 3);
+        state.mark_settled(5);
+        assert_eq!(state.watermark, 3);
+        state.mark_settled(4);
+        assert_eq!(state.watermark, 5);
+        assert!(state.settled_above.is_empty());
+    }
+
+    fn temp_queue(conn: &mut crate::core::connection::Connection, name: &str) -> String {
+        let queue = format!("amqp_rs.core.{name}.{}", std::process::id());
+        let spec = QueueSpec {
+            durable: false,
+            auto_delete: false,
+            ..QueueSpec::default()
+        };
+        conn.declare_queue(&queue, spec).expect("queue");
+        conn.purge_queue(&queue).expect("purge");
+        queue
+    }
+
+    fn publish(conn: &mut crate::core::connection::Connection, queue: &str, n: u8) {
+        let producer = conn.producer(ProducerOptions::default()).expect("producer");
+        let mut producer = producer.lock().expect("lock");
+        for i in 0..n {
+            producer
+                .publish(Outgoing {
+                    exchange: String::new(),
+                    routing_key: queue.to_string(),
+                    body: vec![i],
+                    properties: BasicProperties::default(),
+                })
+                .expect("publish");
+        }
+        producer
+            .wait_for_confirms(Duration::from_secs(5))
+            .expect("confirms");
+    }
+
+    #[test]
+    fn acks_are_held_during_a_burst_and_all_land_as_multiple_acks() {
+        let mut conn = connect();
+        let queue = temp_queue(&mut conn, "acks.batched");
+        publish(&mut conn, &queue, 50);
+        let options = ConsumerOptions {
+            prefetch: 100,
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = conn
+            .consumer(std::slice::from_ref(&queue), &options)
+            .expect("consumer");
+        // All 50 arrive first: then only the limit (25) or the end of the burst sends.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut handled = 0;
+        while let Some(incoming) = consumer.next(Duration::from_millis(300)).expect("next") {
+            let batch = incoming.batch.clone().expect("batch");
+            let tag = incoming.delivery.delivery_tag;
+            assert!(batch
+                .settle(&incoming.delivery.acker, tag, Settlement::Ack)
+                .expect("ack"));
+            handled += 1;
+            if handled == 10 {
+                assert_eq!(batch.state().held.len(), 10, "held, not sent one by one");
+            }
+        }
+        assert_eq!(handled, 50);
+        assert!(consumer
+            .batch
+            .as_ref()
+            .expect("batch")
+            .state()
+            .held
+            .is_empty());
+        drop(consumer);
+        conn.close().expect("close");
+        let mut check = connect();
+        assert_eq!(check.queue_status(&queue).expect("status").messages, 0);
+        check.delete_queue(&queue, false, false).expect("delete");
+    }
+
+    #[test]
+    fn a_multiple_ack_never_covers_a_delivery_not_handed_out() {
+        let mut conn = connect();
+        let first = temp_queue(&mut conn, "acks.first");
+        let second = temp_queue(&mut conn, "acks.second");
+        publish(&mut conn, &first, 5);
+        publish(&mut conn, &second, 5);
+        let mut consumer = conn
+            .consumer(
+                &[first.clone(), second.clone()],
+                &ConsumerOptions::default(),
+            )
+            .expect("consumer");
+        // Let both queues' deliveries arrive, then handle only those of the second.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut acked = 0;
+        let mut kept = Vec::new();
+        while acked < 5 {
+            let incoming = consumer
+                .next(Duration::from_secs(5))
+                .expect("next")
+                .expect("delivery");
+            if incoming.delivery.routing_key.as_str() == second {
+                let batch = incoming.batch.clone().expect("batch");
+                let tag = incoming.delivery.delivery_tag;
+                batch
+                    .settle(&incoming.delivery.acker, tag, Settlement::Ack)
+                    .expect("ack");
+                acked += 1;
+            } else {
+                kept.push(incoming);
+            }
+        }
+        consumer.flush_acks().expect("flush");
+        flush_settlements(Duration::from_secs(5)).expect("flushed");
+        drop(kept);
+        drop(consumer);
+        conn.close().expect("close");
+        let mut check = connect();
+        assert_eq!(check.queue_status(&first).expect("status").messages, 5);
+        assert_eq!(check.queue_status(&second).expect("status").messages, 0);
+        check.delete_queue(&first, false, false).expect("delete");
+        check.delete_queue(&second, false, false).expect("delete");
     }
 
     #[test]

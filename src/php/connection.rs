@@ -317,7 +317,7 @@ impl Connection {
     pub fn get(&mut self, queue: &str, autoAck: bool) -> PhpResult<Option<Message>> {
         guard("AmqpRs\\Connection::get()", || {
             let delivery = self.inner.get(queue, autoAck)?;
-            Ok(delivery.map(|d| Message::new(d, None, autoAck)))
+            Ok(delivery.map(|d| Message::new(d, None, None, autoAck)))
         })
     }
 

@@ -138,6 +138,7 @@ impl Consumer {
             let message = Message::new(
                 incoming.delivery,
                 Some(incoming.consumer_tag),
+                incoming.batch,
                 self.auto_ack,
             );
             let mut object = ZendClassObject::new(message);
@@ -162,6 +163,7 @@ impl Consumer {
                         };
                         let _ = object.settle_once(how, "settle after the callback threw");
                     }
+                    let _ = self.inner.borrow().flush_acks();
                     let _ = flush_settlements(COMMAND_TIMEOUT);
                     // The pending exception wins over this one (see PhpException::throw).
                     return Err(PhpException::new(
@@ -175,6 +177,7 @@ impl Consumer {
                 break;
             }
         }
+        self.inner.borrow().flush_acks()?;
         flush_settlements(COMMAND_TIMEOUT)?;
         Ok(handled)
     }

@@ -1,6 +1,6 @@
 //! `AmqpRs\Message`: a delivered message, its properties and its settlement.
 
-use crate::core::consumer::{settle, Settlement};
+use crate::core::consumer::{settle, AckBatch, Settlement};
 use crate::php::convert::{from_amqp_value, from_field_table};
 use crate::php::exceptions::{guard, ExceptionClass};
 use ext_php_rs::binary::Binary;
@@ -10,6 +10,7 @@ use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendHashTable, Zval};
 use lapin::types::ShortString;
 use lapin::{Acker, BasicProperties};
+use std::sync::Arc;
 
 /// A message delivered by a consumer or fetched with `Connection::get()`.
 #[php_class]
@@ -25,6 +26,8 @@ pub struct Message {
     properties: BasicProperties,
     /// None when the broker considers it settled already (auto_ack).
     acker: Option<Acker>,
+    /// The consumer's held acks; None for `Connection::get()`.
+    batch: Option<Arc<AckBatch>>,
     settled: bool,
 }
 
@@ -37,6 +40,7 @@ impl Message {
     pub(crate) fn new(
         delivery: lapin::message::Delivery,
         consumer_tag: Option<String>,
+        batch: Option<Arc<AckBatch>>,
         auto_ack: bool,
     ) -> Self {
         Self {
@@ -48,6 +52,7 @@ impl Message {
             consumer_tag,
             properties: delivery.properties,
             acker: (!auto_ack).then_some(delivery.acker),
+            batch,
             settled: auto_ack,
         }
     }
@@ -74,7 +79,10 @@ impl Message {
             ));
         }
         self.settled = true;
-        settle(acker, how)?;
+        match &self.batch {
+            Some(batch) => batch.settle(acker, self.delivery_tag, how)?,
+            None => settle(acker, how)?,
+        };
         Ok(())
     }
 }
