@@ -88,7 +88,7 @@ impl Link {
         runtime::is_current_generation(self.generation)
     }
 
-    fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         !self.closed.load(Ordering::Acquire) && self.is_own() && self.inner.status().connected()
     }
 
