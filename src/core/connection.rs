@@ -276,12 +276,13 @@ impl Connection {
             let limit = options.connect_timeout + Duration::from_secs(1);
             match runtime::block_on(attempt, limit, &format!("connect to {}", endpoint.display))
                 .and_then(|joined| {
-                    joined.map_err(|e| {
-                        Error::connection(format!("cannot connect to {}: {e}", endpoint.display))
+                    joined.unwrap_or_else(|e| {
+                        Err(Error::connection(format!(
+                            "cannot connect to {}: {e}",
+                            endpoint.display
+                        )))
                     })
-                })
-                .and_then(|r| r)
-            {
+                }) {
                 Ok(inner) => {
                     let link = Link {
                         producers: Mutex::new(Vec::new()),

@@ -111,7 +111,7 @@ fn send(acker: &Acker, how: Settlement, multiple: bool) -> Result<bool> {
         Poll::Ready(Ok(done)) => Ok(done),
         Poll::Pending => {
             let mut unflushed = UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner());
-            unflushed.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
+            drop_written(&mut unflushed, &mut cx);
             unflushed.push(future);
             Ok(true)
         }
@@ -230,12 +230,16 @@ impl BatchState {
     }
 }
 
+/// Forgets the settlements whose frame lapin has written; true if none is left.
+fn drop_written(unflushed: &mut Vec<SettleFuture>, cx: &mut Context<'_>) -> bool {
+    unflushed.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+    unflushed.is_empty()
+}
+
 /// Whether a settlement handed to lapin may not be written yet.
 fn has_unwritten_settlements() -> bool {
-    let mut cx = Context::from_waker(Waker::noop());
     let mut unflushed = UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner());
-    unflushed.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
-    !unflushed.is_empty()
+    !drop_written(&mut unflushed, &mut Context::from_waker(Waker::noop()))
 }
 
 /// Waits (at most `limit`) until every settlement sent so far was handed to the socket.
@@ -243,8 +247,7 @@ pub fn flush_settlements(limit: Duration) -> Result<()> {
     let mut unflushed = std::mem::take(&mut *UNFLUSHED.lock().unwrap_or_else(|p| p.into_inner()));
     runtime::park_on(
         std::future::poll_fn(|cx| {
-            unflushed.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-            if unflushed.is_empty() {
+            if drop_written(&mut unflushed, cx) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -367,10 +370,9 @@ impl Consumer {
             ));
         }
         self.link.ensure_usable("consume")?;
-        let streams = &mut *self.streams;
         let start = self.next_stream;
         let mut ready = Some(poll_streams(
-            streams,
+            &mut self.streams,
             start,
             &mut Context::from_waker(Waker::noop()),
         ));

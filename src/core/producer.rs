@@ -410,14 +410,10 @@ fn settle_front(
             Some(last) if target != 0 => !last.resolved(cx),
             _ => false,
         };
-        if !target_waits {
-            if let Some(front) = in_flight.front_mut() {
-                if front.resolved(cx) {
-                    continue;
-                }
-            }
+        // Otherwise the oldest gets the waker; resolved meanwhile, it is settled next round.
+        if target_waits || !in_flight.front_mut().is_some_and(|f| f.resolved(cx)) {
+            return Poll::Pending;
         }
-        return Poll::Pending;
     }
     Poll::Ready(())
 }
