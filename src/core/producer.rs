@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 /// Most publishes awaiting their confirm (or, without confirms, their write) at once.
-const MAX_IN_FLIGHT: usize = 5000;
+const MAX_IN_FLIGHT: usize = 2000;
 
 /// Settings of a producer.
 #[derive(Clone, Copy, Debug)]
@@ -377,7 +377,7 @@ impl Producer {
 }
 
 /// Settles in-flight publishes from the front while they are resolved, until `keep` remain;
-/// Pending as soon as the oldest is not. Resolved ones go to `done` in order.
+/// Pending as soon as the oldest is not. Resolved ones that failed go to `done` in order.
 ///
 /// Confirms normally arrive in publish order, so the waker goes to the last publish the caller
 /// waits for: the PHP thread is woken once for the batch, not once per confirm frame. Should
@@ -396,13 +396,19 @@ fn settle_front(
             None => break,
         };
         if front_resolved {
-            if let Some(InFlight {
-                meta,
-                outcome: Some(result),
-                ..
-            }) = in_flight.pop_front()
-            {
-                done.push((meta, result));
+            match in_flight.pop_front() {
+                // Most publishes: nothing to report. Only failures are collected, or `done`
+                // would grow to thousands of large entries per call, fresh pages each time.
+                Some(InFlight {
+                    outcome: Some(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)),
+                    ..
+                }) => {}
+                Some(InFlight {
+                    meta,
+                    outcome: Some(result),
+                    ..
+                }) => done.push((meta, result)),
+                _ => {}
             }
             continue;
         }
@@ -468,13 +474,20 @@ mod tests {
             }
         }
 
+        /// A publish the broker will nack once the gate opens (failures are what settle_front
+        /// hands back, so the tests can see their order).
         fn in_flight(&self, id: &str) -> InFlight {
+            self.resolving_to(id, Confirmation::Nack(None))
+        }
+
+        fn resolving_to(&self, id: &str, confirmation: Confirmation) -> InFlight {
             let gate = self.clone();
+            let mut confirmation = Some(confirmation);
             InFlight {
                 future: Box::pin(std::future::poll_fn(move |cx| {
                     let mut state = gate.0.lock().expect("gate");
                     if state.0 {
-                        Poll::Ready(Ok(Confirmation::NotRequested))
+                        Poll::Ready(Ok(confirmation.take().expect("polled once ready")))
                     } else {
                         state.1 = Some(cx.waker().clone());
                         Poll::Pending
@@ -542,6 +555,22 @@ mod tests {
         assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_ready());
         assert_eq!(done.len(), 2);
+    }
+
+    #[test]
+    fn acked_publishes_are_settled_without_being_collected() {
+        let gate = Gate::default();
+        let mut in_flight: VecDeque<InFlight> = (0..3)
+            .map(|i| gate.resolving_to(&i.to_string(), Confirmation::Ack(None)))
+            .chain([gate.in_flight("nacked")])
+            .collect();
+        let mut done = Vec::new();
+        gate.open();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_ready());
+        assert!(in_flight.is_empty());
+        let ids: Vec<_> = done.iter().map(|(m, _)| m.message_id.clone()).collect();
+        assert_eq!(ids, [Some("nacked".to_string())]);
     }
 
     #[test]
