@@ -5,8 +5,10 @@ use crate::core::consumer::{Consumer, ConsumerOptions};
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::producer::{Producer, ProducerOptions};
 use crate::core::runtime;
+use crate::core::transport::{CheckedKit, PoisonLog};
 use crate::core::uri::{self, Endpoint};
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AMQPUriTcpExt, OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, ConnectionProperties};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +77,8 @@ pub(crate) struct Link {
     endpoint: String,
     generation: u64,
     closed: AtomicBool,
+    /// Deliveries whose short strings were not UTF-8, found by the socket's check.
+    poison: Arc<PoisonLog>,
 }
 
 impl Link {
@@ -122,6 +126,11 @@ impl Link {
         let context = format!("open a channel to {what} on {}", self.endpoint);
         runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
             .map_err(|e| Error::from_lapin(&e, &context))
+    }
+
+    /// The fields of a delivery that were not UTF-8 (now `?`), if any; once per delivery.
+    pub(crate) fn poisoned(&self, channel: u16, delivery_tag: u64) -> Option<Vec<&'static str>> {
+        self.poison.take(channel, delivery_tag)
     }
 
     /// Negotiated maximum frame size.
@@ -202,6 +211,7 @@ async fn connect_one(
     options: ConnectOptions,
     tls: OwnedTLSConfig,
     handle: tokio::runtime::Handle,
+    poison: Arc<PoisonLog>,
 ) -> Result<lapin::Connection> {
     let mut uri = endpoint.uri.clone();
     uri.query.heartbeat = Some(options.heartbeat);
@@ -212,8 +222,16 @@ async fn connect_one(
     if let Some(name) = &options.name {
         props = props.with_connection_name(name.as_str().into());
     }
-    let rt = async_rs::Runtime::tokio_with_handle(handle);
-    let attempt = lapin::Connection::connect_uri_with_config(uri, props, tls, rt);
+    let kit = CheckedKit::new(handle, poison);
+    let runtime = async_rs::Runtime::new(kit.clone());
+    // lapin calls this again for each reconnection, so the check is on every socket it uses.
+    let open = async move |uri: AMQPUri, _| {
+        let stream = uri
+            .connect_with_config_async(tls.as_ref(), &kit.tokio())
+            .await?;
+        Ok(kit.check(stream))
+    };
+    let attempt = lapin::Connection::connector(uri, runtime, open, props);
     match tokio::time::timeout(options.connect_timeout, attempt).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(describe_connect_error(&e, &endpoint.display)),
@@ -265,11 +283,13 @@ impl Connection {
         for endpoint in &endpoints {
             // Spawned, so lapin's io-loop thread is started from (and inherits the scheduling
             // policy of) a runtime worker, not the PHP thread.
+            let poison = Arc::new(PoisonLog::default());
             let attempt = handle.spawn(connect_one(
                 endpoint.clone(),
                 options.clone(),
                 tls.clone(),
                 handle.clone(),
+                poison.clone(),
             ));
             // The inner timeout bounds the attempt; this outer one only guards against a
             // runtime that stopped answering.
@@ -290,6 +310,7 @@ impl Connection {
                         endpoint: endpoint.display.clone(),
                         generation,
                         closed: AtomicBool::new(false),
+                        poison,
                     };
                     return Ok(Connection {
                         link: Arc::new(link),
@@ -341,6 +362,15 @@ impl Connection {
         let channel = self.link.open_channel("send commands")?;
         *self.channel = Some(channel.clone());
         Ok(channel)
+    }
+
+    /// The fields of a delivery on `channel` that were not UTF-8, if any; once per delivery.
+    pub(crate) fn poisoned(
+        &self,
+        channel: &Channel,
+        delivery_tag: u64,
+    ) -> Option<Vec<&'static str>> {
+        self.link.poisoned(channel.id(), delivery_tag)
     }
 
     /// Runs one broker command on the command channel with the standard bound and context.

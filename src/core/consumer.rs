@@ -266,6 +266,25 @@ pub struct Incoming {
     pub consumer_tag: String,
     /// Where its ack is held back (None with auto_ack).
     pub batch: Option<Arc<AckBatch>>,
+    /// Set when its short strings were not UTF-8: the warning to give. It is settled already
+    /// and must not reach the application.
+    pub poisoned: Option<String>,
+}
+
+/// The fate of a poisoned delivery that was not auto-acked.
+const DEAD_LETTERED: &str = "rejected without requeue, so the broker dead-letters it if the \
+                             queue has a dead-letter exchange (and drops it if not)";
+
+/// What to tell the user about a delivery whose short strings were not UTF-8.
+fn poison_warning(fields: &[&str], tag: u64, queue: &str, endpoint: &str, fate: &str) -> String {
+    format!(
+        "delivery {tag} from queue '{queue}' on {endpoint} not handed to the application: its {} \
+         not valid UTF-8, which AMQP requires of short strings; {fate}",
+        match fields {
+            [one] => format!("{one} is"),
+            _ => format!("{} are", fields.join(", ")),
+        }
+    )
 }
 
 /// Consumers of one or more queues on one channel.
@@ -395,10 +414,12 @@ impl Consumer {
             Ok((index, Ok(delivery))) => {
                 self.next_stream = index + 1;
                 let consumer_tag = self.streams[index].0.clone();
+                let poisoned = self.dead_letter_poisoned(index, &delivery)?;
                 Ok(Some(Incoming {
                     delivery,
                     consumer_tag,
                     batch: self.batch.clone(),
+                    poisoned,
                 }))
             }
             Ok((index, Err(ended))) => {
@@ -415,6 +436,34 @@ impl Consumer {
                 })
             }
         }
+    }
+
+    /// A delivery whose short strings were not UTF-8 reached us with `?` in their place: it
+    /// is rejected without requeue, so the broker dead-letters its intact copy (or drops it,
+    /// if the queue has no dead-letter exchange). Returns what to warn about.
+    fn dead_letter_poisoned(&self, index: usize, delivery: &Delivery) -> Result<Option<String>> {
+        let Some(channel) = self.channel.as_ref() else {
+            return Ok(None);
+        };
+        let tag = delivery.delivery_tag;
+        let Some(fields) = self.link.poisoned(channel.id(), tag) else {
+            return Ok(None);
+        };
+        let queue = self.queues.get(index).map_or("", String::as_str);
+        let fate = match &self.batch {
+            Some(batch) => {
+                batch.settle(&delivery.acker, tag, Settlement::Reject { requeue: false })?;
+                DEAD_LETTERED
+            }
+            None => "already acknowledged (auto_ack): it is lost",
+        };
+        Ok(Some(poison_warning(
+            &fields,
+            tag,
+            queue,
+            self.link.endpoint(),
+            fate,
+        )))
     }
 
     fn describe(&self) -> String {
@@ -462,15 +511,35 @@ impl Consumer {
 }
 
 impl crate::core::connection::Connection {
-    /// One message by `basic.get`, or `None` when the queue is empty.
-    pub fn get(&mut self, queue: &str, auto_ack: bool) -> Result<Option<Delivery>> {
+    /// One message by `basic.get`, or `None` when the queue is empty; and a warning for each
+    /// message passed over because its short strings were not UTF-8 (dead-lettered, as by
+    /// [`Consumer::next`]).
+    pub fn get(&mut self, queue: &str, auto_ack: bool) -> Result<(Option<Delivery>, Vec<String>)> {
         let name = shortstr(queue, "queue name")?;
         let what = format!("get a message from queue '{queue}'");
-        let got = self.command(&what, |ch| async move {
-            ch.basic_get(name, lapin::options::BasicGetOptions { no_ack: auto_ack })
-                .await
-        })?;
-        Ok(got.map(|m| m.delivery))
+        let mut warnings = Vec::new();
+        loop {
+            let name = name.clone();
+            let got = self.command(&what, |ch| async move {
+                ch.basic_get(name, lapin::options::BasicGetOptions { no_ack: auto_ack })
+                    .await
+            })?;
+            let Some(delivery) = got.map(|m| m.delivery) else {
+                return Ok((None, warnings));
+            };
+            let channel = self.command_channel(&what)?;
+            let tag = delivery.delivery_tag;
+            let Some(fields) = self.poisoned(&channel, tag) else {
+                return Ok((Some(delivery), warnings));
+            };
+            let fate = if auto_ack {
+                "already acknowledged (autoAck): it is lost"
+            } else {
+                settle(&delivery.acker, Settlement::Reject { requeue: false })?;
+                DEAD_LETTERED
+            };
+            warnings.push(poison_warning(&fields, tag, queue, self.endpoint(), fate));
+        }
     }
 }
 

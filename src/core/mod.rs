@@ -9,6 +9,7 @@ pub mod runtime;
 pub mod shortstr;
 pub mod stop_signals;
 pub mod topology;
+pub mod transport;
 pub mod uri;
 
 /// The lapin version this build links, for `php --ri amqp_rs`.

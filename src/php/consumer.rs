@@ -5,7 +5,7 @@ use crate::core::consumer::{flush_settlements, Consumer as CoreConsumer, Settlem
 use crate::core::error::ErrorKind;
 use crate::core::stop_signals::StopSignals;
 use crate::php::convert::{Options, PhpArray};
-use crate::php::exceptions::{guard, invalid_argument, type_error, ExceptionClass};
+use crate::php::exceptions::{guard, invalid_argument, type_error, warn, ExceptionClass};
 use crate::php::message::Message;
 use ext_php_rs::convert::IntoZval;
 use ext_php_rs::exception::{PhpException, PhpResult};
@@ -135,6 +135,18 @@ impl Consumer {
                 Err(e) => return Err(e.into()),
             };
             last_activity = Instant::now();
+            if let Some(warning) = incoming.poisoned {
+                // Settled already; the application never sees a message with `?` for bytes.
+                if warn(&warning) {
+                    let _ = self.inner.borrow().flush_acks();
+                    return Err(PhpException::new(
+                        "the error handler threw".to_string(),
+                        0,
+                        ExceptionClass::Base.ce(),
+                    ));
+                }
+                continue;
+            }
             let message = Message::new(
                 incoming.delivery,
                 Some(incoming.consumer_tag),

@@ -259,3 +259,9 @@ pub fn guard<T>(what: &str, body: impl FnOnce() -> PhpResult<T>) -> PhpResult<T>
         }
     }
 }
+
+/// Raises an `E_WARNING`; true if the user's error handler threw (the exception is pending).
+pub(crate) fn warn(message: &str) -> bool {
+    ext_php_rs::error::php_error(&ext_php_rs::flags::ErrorType::Warning, message);
+    ext_php_rs::zend::ExecutorGlobals::has_exception()
+}

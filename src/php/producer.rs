@@ -6,10 +6,9 @@
 use crate::core::error::Error;
 use crate::core::producer::{Outgoing, Producer as CoreProducer};
 use crate::php::convert::{to_properties, PhpArray};
-use crate::php::exceptions::{guard, invalid_argument};
+use crate::php::exceptions::{guard, invalid_argument, warn};
 use ext_php_rs::binary_slice::BinarySlice;
 use ext_php_rs::exception::PhpResult;
-use ext_php_rs::flags::ErrorType;
 use ext_php_rs::prelude::*;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -104,6 +103,6 @@ impl Drop for Producer {
                 err.message()
             ),
         };
-        ext_php_rs::error::php_error(&ErrorType::Warning, &message);
+        warn(&message);
     }
 }
