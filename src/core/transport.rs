@@ -392,6 +392,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Checked<S> {
                 let end = this.buf.len();
                 return Poll::Ready(Ok(this.hand_out(out, end)));
             }
+            if this.buf.len() == this.ready {
+                // Nothing held: read straight into the reader's buffer and check it there.
+                this.buf.clear();
+                this.start = 0;
+                this.ready = 0;
+                match Pin::new(&mut this.inner).poll_read(cx, out) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                    Poll::Ready(Ok(n)) => {
+                        let checked = this.scanner.scan(&mut out[..n]);
+                        // An incomplete frame at the end waits here for the rest.
+                        this.buf.extend_from_slice(&out[checked..n]);
+                        if checked > 0 {
+                            return Poll::Ready(Ok(checked));
+                        }
+                        continue;
+                    }
+                    other => return other,
+                }
+            }
             // Everything before `ready` is handed out: keep only the incomplete frame.
             this.buf.drain(..this.ready);
             this.start = 0;
@@ -650,6 +669,66 @@ mod tests {
         let len = wire.len();
         assert_eq!(scanner.scan(&mut wire), len);
         assert_eq!(log.take(1, 1), None);
+    }
+
+    /// A socket that gives its bytes `chunk` at a time.
+    struct Trickle {
+        bytes: Vec<u8>,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = self.chunk.min(out.len()).min(self.bytes.len());
+            out[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes.drain(..n);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn the_stream_gives_the_same_checked_bytes_however_the_socket_splits_them() {
+        let wire = [
+            deliver(1, b"rk\xff"),
+            header(b"\xfe", b"ok"),
+            frame(3, 1, &[0xff; 300]),
+            deliver(2, b"fine"),
+            header(b"id", b"\xc3\x28"),
+            frame(3, 1, b"body"),
+        ]
+        .concat();
+        let mut expected = wire.clone();
+        Scanner::new(Arc::new(PoisonLog::default())).scan(&mut expected);
+        for chunk in [1, 5, 7, 30, 31, 100, 1000] {
+            for out_size in [3, 64, 65536] {
+                let log = Arc::new(PoisonLog::default());
+                let inner = Trickle {
+                    bytes: wire.clone(),
+                    chunk,
+                };
+                let mut stream = Checked::new(inner, log.clone());
+                let mut got = Vec::new();
+                let mut out = vec![0; out_size];
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                loop {
+                    match Pin::new(&mut stream).poll_read(&mut cx, &mut out) {
+                        Poll::Ready(Ok(0)) => break,
+                        Poll::Ready(Ok(n)) => got.extend_from_slice(&out[..n]),
+                        other => panic!("{other:?}"),
+                    }
+                }
+                assert_eq!(
+                    got, expected,
+                    "socket chunks of {chunk}, reads of {out_size}"
+                );
+                assert_eq!(log.take(1, 1), Some(vec!["routing key", "message_id"]));
+                assert_eq!(log.take(1, 2), Some(vec!["header key"]));
+            }
+        }
     }
 
     #[test]
