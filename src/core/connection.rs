@@ -10,6 +10,7 @@ use crate::core::uri::{self, Endpoint};
 use lapin::tcp::{AMQPUriTcpExt, OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, ConnectionProperties};
+use std::io;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -18,6 +19,15 @@ use std::time::Duration;
 /// How long a single broker command (declare, bind, delete...) may take before the caller
 /// gets a `TimeoutException` instead of a hang.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Recovery: reconnection attempts, each after an exponential, jittered delay between these.
+const RECOVERY_ATTEMPTS: usize = 10;
+const RECOVERY_MIN_DELAY: Duration = Duration::from_millis(200);
+const RECOVERY_MAX_DELAY: Duration = Duration::from_secs(5);
+/// Longest wait for a recovery under way: the attempts' delays (~30 s at most) plus their
+/// connect timeouts. Normally lapin gives up first; this also ends the wait when its
+/// recovery wedges (seen after `rabbitmqctl stop_app`/`start_app` with publishes in flight).
+const RECOVERY_WAIT: Duration = Duration::from_secs(60);
 
 /// How long `close()` waits for confirms and for the broker's close-ok: a broker still
 /// working through a burst of persistent messages answers only after them.
@@ -79,6 +89,10 @@ pub(crate) struct Link {
     closed: AtomicBool,
     /// Deliveries whose short strings were not UTF-8, found by the socket's check.
     poison: Arc<PoisonLog>,
+    /// Whether lapin recovers a lost connection (the `reconnect` option).
+    reconnect: bool,
+    /// lapin's connection attempts, to stop recovery once the user closed.
+    attempts: Arc<Attempts>,
 }
 
 impl Link {
@@ -111,13 +125,68 @@ impl Link {
                 self.endpoint
             )));
         }
-        if !self.inner.status().connected() {
+        if !self.inner.status().connected() && !self.await_recovery() {
             return Err(Error::connection(format!(
-                "{what} on {}: the connection is lost",
-                self.endpoint
+                "{what} on {}: the connection is lost{}",
+                self.endpoint,
+                if self.reconnect {
+                    format!(" and could not be recovered ({RECOVERY_ATTEMPTS} attempts)")
+                } else {
+                    " (reconnect is off)".to_string()
+                }
             )));
         }
         Ok(())
+    }
+
+    /// Whether a lost connection is being recovered, or already is.
+    pub(crate) fn recovers(&self) -> bool {
+        self.reconnect && self.is_own() && !self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether `channel` can be used, after waiting for its recovery if one is under way
+    /// (lapin reopens it under the same number once the connection is back).
+    pub(crate) fn channel_usable(&self, channel: &Channel) -> bool {
+        let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+        loop {
+            if channel.status().connected() {
+                return true;
+            }
+            if !self.recovers() || std::time::Instant::now() >= deadline {
+                return false;
+            }
+            let connection = self.inner.status();
+            let closed_for_good = if connection.connected() {
+                // The broker closed this channel (404...): lapin does not reopen those.
+                !channel.status().reconnecting()
+            } else {
+                // Recovery gave up, or was never under way.
+                !(connection.reconnecting() || connection.connecting())
+            };
+            if closed_for_good {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits while lapin re-establishes a lost connection; true once it is back.
+    pub(crate) fn await_recovery(&self) -> bool {
+        if !self.recovers() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+        loop {
+            let status = self.inner.status();
+            if status.connected() {
+                return true;
+            }
+            let under_way = status.reconnecting() || status.connecting();
+            if !under_way || std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Opens a new channel; `what` names the purpose in errors.
@@ -142,7 +211,12 @@ impl Link {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        if !self.is_own() || !self.inner.status().connected() {
+        if !self.is_own() {
+            return Ok(());
+        }
+        // A recovery under way gives up: its next attempt fails at once.
+        self.attempts.abandon();
+        if !self.inner.status().connected() {
             return Ok(());
         }
         let context = format!("close the connection to {}", self.endpoint);
@@ -212,6 +286,7 @@ async fn connect_one(
     tls: OwnedTLSConfig,
     handle: tokio::runtime::Handle,
     poison: Arc<PoisonLog>,
+    attempts: Arc<Attempts>,
 ) -> Result<lapin::Connection> {
     let mut uri = endpoint.uri.clone();
     uri.query.heartbeat = Some(options.heartbeat);
@@ -222,25 +297,107 @@ async fn connect_one(
     if let Some(name) = &options.name {
         props = props.with_connection_name(name.as_str().into());
     }
+    if options.reconnect {
+        // lapin reconnects, then reopens channels and replays what was declared through them
+        // (queues, exchanges, bindings, qos, confirm mode, consumers).
+        props = props.enable_auto_recover().configure_backoff(|backoff| {
+            backoff
+                .with_jitter()
+                .with_min_delay(RECOVERY_MIN_DELAY)
+                .with_max_delay(RECOVERY_MAX_DELAY)
+                .with_max_times(RECOVERY_ATTEMPTS)
+        });
+    }
     let kit = CheckedKit::new(handle, poison);
     let runtime = async_rs::Runtime::new(kit.clone());
+    let first = attempts.clone();
     // lapin calls this again for each reconnection, so the check is on every socket it uses.
     let open = async move |uri: AMQPUri, _| {
-        let stream = uri
+        if attempts.abandoned.load(Ordering::Acquire) {
+            return Err(io::Error::other("connection attempt abandoned").into());
+        }
+        match uri
             .connect_with_config_async(tls.as_ref(), &kit.tokio())
-            .await?;
-        Ok(kit.check(stream))
+            .await
+        {
+            // Closed by the user while this attempt was under way: no ghost connection.
+            Ok(_) if attempts.abandoned.load(Ordering::Acquire) => {
+                Err(io::Error::other("connection attempt abandoned").into())
+            }
+            Ok(stream) => Ok(kit.check(stream)),
+            Err(err) => {
+                attempts.failed(&err);
+                Err(err.into())
+            }
+        }
     };
     let attempt = lapin::Connection::connector(uri, runtime, open, props);
-    match tokio::time::timeout(options.connect_timeout, attempt).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(describe_connect_error(&e, &endpoint.display)),
-        // A connect that times out is still a failure to connect: ConnectionException.
-        Err(_) => Err(Error::connection(format!(
-            "cannot connect to {}: no AMQP handshake within {:.1} s (connect_timeout)",
-            endpoint.display,
-            options.connect_timeout.as_secs_f64()
+    let outcome = tokio::select! {
+        attempt = tokio::time::timeout(options.connect_timeout, attempt) => match attempt {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(describe_connect_error(&e, &endpoint.display)),
+            // A connect that times out is still a failure to connect: ConnectionException.
+            Err(_) => Err(Error::connection(format!(
+                "cannot connect to {}: no AMQP handshake within {:.1} s (connect_timeout)",
+                endpoint.display,
+                options.connect_timeout.as_secs_f64()
+            ))),
+        },
+        err = first.first_failure() => Err(Error::connection(format!(
+            "cannot connect to {}: {err}",
+            endpoint.display
         ))),
+    };
+    match outcome {
+        Ok(conn) => {
+            first.established.store(true, Ordering::Release);
+            Ok(conn)
+        }
+        Err(err) => {
+            first.abandon();
+            Err(err)
+        }
+    }
+}
+
+/// The socket connections lapin makes for one `Connection`, the first and its recoveries.
+///
+/// The first must fail at once, not be retried: with recovery on, lapin retries every failed
+/// attempt, the first one too (a refused port or a bad certificate would take the whole
+/// backoff to be reported). Its first failure is reported right away. Once abandoned (that
+/// first failure, or a close by the user), every attempt lapin still makes fails at once, so
+/// that a connection closed during an outage does not come back by itself.
+#[derive(Default)]
+pub(crate) struct Attempts {
+    established: AtomicBool,
+    abandoned: AtomicBool,
+    failure: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Attempts {
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
+    fn failed(&self, err: &io::Error) {
+        if self.established.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert_with(|| err.to_string());
+        }
+        self.notify.notify_one();
+    }
+
+    async fn first_failure(&self) -> String {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(failure) = self.failure.lock().ok().and_then(|f| f.clone()) {
+                return failure;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -284,12 +441,14 @@ impl Connection {
             // Spawned, so lapin's io-loop thread is started from (and inherits the scheduling
             // policy of) a runtime worker, not the PHP thread.
             let poison = Arc::new(PoisonLog::default());
+            let attempts = Arc::new(Attempts::default());
             let attempt = handle.spawn(connect_one(
                 endpoint.clone(),
                 options.clone(),
                 tls.clone(),
                 handle.clone(),
                 poison.clone(),
+                attempts.clone(),
             ));
             // The inner timeout bounds the attempt; this outer one only guards against a
             // runtime that stopped answering.
@@ -311,6 +470,8 @@ impl Connection {
                         generation,
                         closed: AtomicBool::new(false),
                         poison,
+                        reconnect: options.reconnect,
+                        attempts,
                     };
                     return Ok(Connection {
                         link: Arc::new(link),
@@ -355,7 +516,7 @@ impl Connection {
     pub(crate) fn command_channel(&mut self, what: &str) -> Result<Channel> {
         self.ensure_usable(what)?;
         if let Some(channel) = self.channel.as_ref() {
-            if channel.status().connected() {
+            if self.link.channel_usable(channel) {
                 return Ok(channel.clone());
             }
         }

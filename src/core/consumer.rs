@@ -5,7 +5,7 @@
 //! without waiting for anything: the first poll of lapin's ack future queues the frame.
 
 use crate::core::connection::{Link, COMMAND_TIMEOUT};
-use crate::core::error::{Error, ErrorKind, Result};
+use crate::core::error::{self, Error, ErrorKind, Result};
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use futures_core::Stream;
@@ -421,6 +421,23 @@ impl Consumer {
                     batch: self.batch.clone(),
                     poisoned,
                 }))
+            }
+            Ok((_, Err(Some(e)))) if self.link.recovers() && error::lost_connection(&e) => {
+                // lapin reconnects and re-subscribes this consumer on the same channel. The
+                // deliveries handed out before are the broker's to redeliver: their acks are
+                // dropped quietly (their ackers are dead), and the held ones with them.
+                let recovered = self
+                    .channel
+                    .as_ref()
+                    .is_some_and(|channel| self.link.channel_usable(channel));
+                if !recovered {
+                    let context = format!("consume from {}", self.describe());
+                    return Err(Error::from_lapin(&e, &context));
+                }
+                if let Some(batch) = &self.batch {
+                    self.batch = Some(Arc::new(AckBatch::new(batch.limit)));
+                }
+                self.next(limit)
             }
             Ok((index, Err(ended))) => {
                 let queue = self.queues.get(index).cloned().unwrap_or_default();

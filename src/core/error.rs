@@ -139,6 +139,14 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// A failure that lapin's recovery repairs: the connection broke, not a channel-level error
+/// (404, 406...) after which the broker closed only that channel.
+pub fn lost_connection(err: &lapin::Error) -> bool {
+    let soft = matches!(err.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(_)));
+    err.can_be_recovered() && !soft
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

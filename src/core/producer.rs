@@ -8,7 +8,7 @@
 //! for the oldest confirms instead of growing memory without limit.
 
 use crate::core::connection::{Link, COMMAND_TIMEOUT};
-use crate::core::error::{Error, Result};
+use crate::core::error::{self, Error, Result};
 use crate::core::frame_size::content_header_size;
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
@@ -148,7 +148,8 @@ impl Producer {
     /// The producer's channel, reopened (in confirm mode when asked) after the broker closed it.
     fn channel(&mut self) -> Result<Channel> {
         if let Some(channel) = self.channel.as_ref() {
-            if channel.status().connected() {
+            // Recovered by lapin after a lost connection: same channel, confirm mode restored.
+            if self.link.channel_usable(channel) {
                 return Ok(channel.clone());
             }
         }
@@ -296,6 +297,21 @@ impl Producer {
             )),
             Err(_) if publish.channel <= self.reported_channel => {
                 // Lost with a channel whose closing the caller was already told of.
+            }
+            Err(err) if self.link.recovers() && error::lost_connection(&err) => {
+                // The connection broke before the broker confirmed it: it may or may not have
+                // arrived. Reported as a failure; the producer goes on once lapin recovers.
+                self.failures.push((
+                    publish.channel,
+                    publish.failure(
+                        0,
+                        format!(
+                            "connection to {} lost before the broker confirmed it (it may or \
+                             may not have arrived): {err}",
+                            self.link.endpoint()
+                        ),
+                    ),
+                ));
             }
             Err(err) => {
                 let context = format!(

@@ -1,0 +1,192 @@
+<?php
+
+declare(strict_types=1);
+
+use AmqpRs\Connection;
+use AmqpRs\ConnectionException;
+use AmqpRs\Message;
+use AmqpRs\PublishException;
+use AmqpRs\Tests\Support\Broker;
+use PhpAmqpLib\Connection\AMQPStreamConnection;
+use PhpAmqpLib\Message\AMQPMessage;
+use PHPUnit\Framework\TestCase;
+
+/**
+ * Automatic recovery against real faults: the broker closes our connection
+ * (rabbitmqctl close_connection) while a producer or a worker is busy, and the work goes on by
+ * itself, with nothing confirmed lost and nothing unconfirmed left unreported.
+ */
+final class RecoveryTest extends TestCase
+{
+    private string $name;
+    private string $queue;
+    /** @var resource[] rabbitmqctl runs started in the background */
+    private array $faults = [];
+    private ?string $lastClosed = null;
+
+    protected function setUp(): void
+    {
+        $this->name = Broker::unique('recovery');
+        $this->queue = Broker::unique('recovery-queue');
+    }
+
+    protected function tearDown(): void
+    {
+        foreach ($this->faults as $fault) {
+            proc_close($fault);
+        }
+        $conn = new Connection(Broker::URI, ['reconnect' => false]);
+        $conn->deleteQueue($this->queue);
+        $conn->close();
+    }
+
+    /** The broker's id of the connection named $name, or null if it has none. */
+    private function connectionPid(): ?string
+    {
+        foreach (explode("\n", Broker::ctl('list_connections', 'pid', 'client_properties', '-q', '--no-table-headers')) as $line) {
+            if (str_contains($line, $this->name)) {
+                return strtok($line, "\t");
+            }
+        }
+        return null;
+    }
+
+    /**
+     * Has the broker close our connection, without waiting for rabbitmqctl to finish. A
+     * previous close must have taken effect first: our connection is back under a new id.
+     */
+    private function closeConnectionSoon(): string
+    {
+        $this->awaitReplaced();
+        $pid = $this->lastClosed = $this->connectionPid();
+        $this->assertNotNull($pid, "no connection named {$this->name} on the broker");
+        $this->faults[] = proc_open(['rabbitmqctl', 'close_connection', $pid, 'recovery test'], [1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']], $pipes);
+        return $pid;
+    }
+
+    /** Waits until the last close took effect and our connection is back, under a new id. */
+    private function awaitReplaced(): ?string
+    {
+        if ($this->faults) {
+            proc_close(array_pop($this->faults));
+        }
+        for ($i = 0; $i < 100; $i++) {
+            $pid = $this->connectionPid();
+            if ($pid !== null && $pid !== $this->lastClosed) {
+                return $pid;
+            }
+            usleep(100_000);
+        }
+        return null;
+    }
+
+    /** Message ids in the queue, read with php-amqplib (independent of amqp_rs). */
+    private function idsInQueue(): array
+    {
+        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $ch = $conn->channel();
+        $ids = [];
+        while ($m = $ch->basic_get($this->queue, true)) {
+            $ids[] = $m->get('message_id');
+        }
+        $conn->close();
+        return $ids;
+    }
+
+    public function testAPublishingLoopCarriesOnAndReportsEveryUnconfirmedMessage(): void
+    {
+        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $conn->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
+        $producer = $conn->producer();
+        $failed = [];
+        $pids = [];
+        $collect = function () use ($producer, &$failed): void {
+            try {
+                $producer->waitForConfirms(60);
+            } catch (PublishException $e) {
+                foreach ($e->getFailures() as $f) {
+                    $failed[$f['message_id']] = $f['reason'];
+                }
+            }
+        };
+        for ($i = 0; $i < 20_000; $i++) {
+            if ($i === 4_000 || $i === 12_000) {
+                // Lands while publishes are in flight: rabbitmqctl takes a moment to act.
+                $pids[] = $this->closeConnectionSoon();
+            }
+            $producer->publish("body $i", $this->queue, '', ['message_id' => "m$i"]);
+            // Paced so that each close, which rabbitmqctl makes about a second after it is
+            // asked, lands while messages are in flight.
+            usleep(150);
+            if ($i % 500 === 499) {
+                $collect();
+            }
+        }
+        $collect();
+        $this->assertSame(0, $producer->pendingConfirms());
+        $pids[] = $this->awaitReplaced();
+        $this->assertCount(3, array_unique(array_filter($pids)), 'the connection was replaced twice');
+        foreach ($failed as $reason) {
+            $this->assertStringContainsString('lost before the broker confirmed it', $reason);
+        }
+
+        $conn->close();
+        $inQueue = array_flip($this->idsInQueue());
+        $confirmedMissing = [];
+        for ($i = 0; $i < 20_000; $i++) {
+            if (!isset($inQueue["m$i"]) && !isset($failed["m$i"])) {
+                $confirmedMissing[] = "m$i";
+            }
+        }
+        $this->assertSame([], $confirmedMissing, 'confirmed (never reported) but not in the queue');
+    }
+
+    public function testAWorkerCarriesOnAndEveryMessageIsHandled(): void
+    {
+        $setup = new Connection(Broker::URI, ['reconnect' => false]);
+        $setup->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
+        $producer = $setup->producer();
+        for ($i = 0; $i < 3_000; $i++) {
+            $producer->publish("body $i", $this->queue, '', ['message_id' => "m$i"]);
+        }
+        $producer->waitForConfirms(30);
+        $setup->close();
+
+        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $seen = [];
+        $pids = [];
+        $handled = $conn->consumer($this->queue, ['prefetch' => 50])->consume(
+            function (Message $m) use (&$seen, &$pids) {
+                $n = count($seen);
+                if ($n === 500 || $n === 1_500) {
+                    $pids[] = $this->closeConnectionSoon();
+                }
+                $seen[$m->getMessageId()] = ($seen[$m->getMessageId()] ?? 0) + 1;
+                // Slow enough for the close to land mid-stream, with acks held.
+                usleep(200);
+            },
+            ['idle_timeout' => 3, 'max_time' => 120],
+        );
+        $pids[] = $this->awaitReplaced();
+        $conn->close();
+
+        $this->assertCount(3, array_unique(array_filter($pids)), 'the connection was replaced twice');
+        $this->assertCount(3_000, $seen, 'every message handled at least once');
+        $this->assertGreaterThanOrEqual(3_000, $handled);
+        $this->assertSame(0, Broker::countWithAmqplib($this->queue), 'every message acked in the end');
+    }
+
+    public function testWithReconnectOffALostConnectionIsAClearError(): void
+    {
+        $conn = new Connection(Broker::URI, ['name' => $this->name, 'reconnect' => false]);
+        $conn->declareQueue($this->queue, ['auto_delete' => false]);
+        $producer = $conn->producer();
+        Broker::ctl('close_connection', $this->connectionPid(), 'recovery test');
+        for ($i = 0; $i < 100 && $conn->isConnected(); $i++) {
+            usleep(20_000);
+        }
+        $this->expectException(ConnectionException::class);
+        $this->expectExceptionMessage('reconnect is off');
+        $producer->publish('x', $this->queue);
+    }
+}
