@@ -202,6 +202,16 @@ impl Link {
         self.poison.take(channel, delivery_tag)
     }
 
+    /// Closes a producer's or consumer's channel now, rather than leaving it to lapin in the
+    /// background: a channel still closing when the connection closes right after makes that
+    /// close fail ("channel is Closing").
+    pub(crate) fn close_channel(&self, channel: &Channel, what: &str) {
+        if channel.status().connected() && self.is_connected() {
+            let context = format!("close the {what} channel on {}", self.endpoint);
+            let _ = runtime::block_on(channel.close(200, "bye".into()), COMMAND_TIMEOUT, &context);
+        }
+    }
+
     /// Negotiated maximum frame size.
     pub(crate) fn frame_max(&self) -> u32 {
         self.inner.configuration().frame_max()

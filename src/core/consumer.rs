@@ -585,18 +585,9 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         if self.link.is_own() {
             let _ = self.flush_acks();
-            // Closed here rather than by lapin in the background: a channel still closing
-            // when the connection closes right after makes that close fail ("channel is
-            // Closing"), and its prefetched messages go back to the queue now.
+            // Its prefetched messages go back to the queue now, too.
             if let Some(channel) = self.channel.as_ref() {
-                if channel.status().connected() && self.link.is_connected() {
-                    let what = format!("close the consumer channel on {}", self.link.endpoint());
-                    let _ = runtime::block_on(
-                        channel.close(200, "consumer done".into()),
-                        COMMAND_TIMEOUT,
-                        &what,
-                    );
-                }
+                self.link.close_channel(channel, "consumer");
             }
             // SAFETY: dropped exactly once, here, and never used again.
             unsafe {

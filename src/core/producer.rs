@@ -443,6 +443,9 @@ fn settle_front(
 impl Drop for Producer {
     fn drop(&mut self) {
         if self.link.is_own() {
+            if let Some(channel) = self.channel.as_ref() {
+                self.link.close_channel(channel, "producer");
+            }
             // SAFETY: dropped exactly once, here, and never used again.
             unsafe { ManuallyDrop::drop(&mut self.channel) };
         } else {
