@@ -176,6 +176,64 @@ final class RecoveryTest extends TestCase
         $this->assertSame(0, Broker::countWithAmqplib($this->queue), 'every message acked in the end');
     }
 
+    public function testPublishingAndWorkCarryOnAcrossABrokerRestart(): void
+    {
+        $setup = new Connection(Broker::URI, ['reconnect' => false]);
+        $setup->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
+        $setup->close();
+
+        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $this->lastClosed = $this->connectionPid();
+        $producer = $conn->producer();
+        $failed = [];
+        $record = function (PublishException $e) use (&$failed): void {
+            foreach ($e->getFailures() as $f) {
+                $failed[$f['message_id']] = true;
+            }
+        };
+        $restart = null;
+        for ($i = 0; $i < 4_000; $i++) {
+            if ($i === 1_000) {
+                // The broker stops and starts again while publishes are in flight.
+                $restart = proc_open('rabbitmqctl stop_app && rabbitmqctl start_app', [1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']], $pipes);
+            }
+            try {
+                $producer->publish("body $i", $this->queue, '', ['message_id' => "m$i"]);
+                usleep(500);
+                if ($i % 200 === 199) {
+                    $producer->waitForConfirms(60);
+                }
+            } catch (PublishException $e) {
+                $record($e);
+            }
+        }
+        $this->assertSame(0, proc_close($restart), 'rabbitmqctl stop_app && start_app');
+        try {
+            $producer->waitForConfirms(60);
+        } catch (PublishException $e) {
+            $record($e);
+        }
+        $this->assertNotNull($this->awaitReplaced(), 'the connection came back after the restart');
+
+        // The same connection, recovered, now works through what was published.
+        $seen = [];
+        $conn->consumer($this->queue, ['prefetch' => 100])->consume(
+            function (Message $m) use (&$seen) {
+                $seen[$m->getMessageId()] = true;
+            },
+            ['idle_timeout' => 2, 'max_time' => 60],
+        );
+        $conn->close();
+        $missing = [];
+        for ($i = 0; $i < 4_000; $i++) {
+            if (!isset($seen["m$i"]) && !isset($failed["m$i"])) {
+                $missing[] = "m$i";
+            }
+        }
+        $this->assertSame([], $missing, 'confirmed (never reported) but not consumed');
+        $this->assertSame(0, Broker::countWithAmqplib($this->queue));
+    }
+
     public function testWithReconnectOffALostConnectionIsAClearError(): void
     {
         $conn = new Connection(Broker::URI, ['name' => $this->name, 'reconnect' => false]);

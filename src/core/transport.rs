@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_rs::traits::{AsyncToSocketAddrs, Executor, Reactor, RuntimeKit};
@@ -350,6 +350,41 @@ pub struct Checked<S> {
     start: usize,
     ready: usize,
     eof: bool,
+    /// The socket is gone (end of stream, or a hard error): writes are discarded.
+    write_dead: bool,
+    /// A write error, reported by the next read (see `write_failed`).
+    read_err: Option<(io::ErrorKind, String)>,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+}
+
+/// An error that ends the socket, unlike a would-block or an interrupted call.
+fn fatal(err: &io::Error) -> bool {
+    !matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// Keeps the waker of the latest poll, to wake that side when the other one fails.
+fn remember(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+}
+
+impl<S> Checked<S> {
+    /// The read side saw the end or an error: lapin stops polling writes then (the same
+    /// wedge as in `write_failed`), so it is woken to write once more, into the void, which
+    /// releases the frames it serialized and still counts as in flight.
+    fn read_side_dead(&mut self) {
+        if !self.write_dead {
+            self.write_dead = true;
+            if let Some(w) = self.write_waker.take() {
+                w.wake();
+            }
+        }
+    }
 }
 
 /// How much is asked of the socket at a time.
@@ -364,6 +399,10 @@ impl<S> Checked<S> {
             start: 0,
             ready: 0,
             eof: false,
+            write_dead: false,
+            read_err: None,
+            read_waker: None,
+            write_waker: None,
         }
     }
 
@@ -382,10 +421,27 @@ impl<S: AsyncRead + Unpin> AsyncRead for Checked<S> {
         out: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        remember(&mut this.read_waker, cx);
+        let res = this.poll_read_inner(cx, out);
+        match &res {
+            Poll::Ready(Ok(0)) if !out.is_empty() => this.read_side_dead(),
+            Poll::Ready(Err(err)) if fatal(err) => this.read_side_dead(),
+            _ => {}
+        }
+        res
+    }
+}
+
+impl<S: AsyncRead + Unpin> Checked<S> {
+    fn poll_read_inner(&mut self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
+        let this = self;
         loop {
             if this.start < this.ready {
                 let ready = this.ready;
                 return Poll::Ready(Ok(this.hand_out(out, ready)));
+            }
+            if let Some((kind, msg)) = &this.read_err {
+                return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
             }
             if this.eof {
                 // What is left is an incomplete frame: let lapin see it and the end of stream.
@@ -443,7 +499,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Checked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        remember(&mut this.write_waker, cx);
+        if this.write_dead {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.write_result(res, buf.len())
     }
 
     fn poll_write_vectored(
@@ -451,15 +513,65 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Checked<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        remember(&mut this.write_waker, cx);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if this.write_dead {
+            return Poll::Ready(Ok(len));
+        }
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_result(res, len)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        remember(&mut this.write_waker, cx);
+        if this.write_dead {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(Err(err)) if fatal(&err) => {
+                this.write_failed(&err);
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+impl<S> Checked<S> {
+    /// lapin 4.12 wedges on a write error (seen when a broker restarts under publishes):
+    /// its io-loop then stops polling the socket either way, but keeps the frames it had
+    /// serialized as in flight, and goes on waiting while any is, for an event that no poll
+    /// is left to bring; it never reconnects. So the write is reported done (the bytes go
+    /// nowhere, the connection is dead) and the error is handed to the next read, whose
+    /// waker is woken so that the read comes.
+    fn write_failed(&mut self, err: &io::Error) {
+        self.write_dead = true;
+        if self.read_err.is_none() {
+            self.read_err = Some((err.kind(), err.to_string()));
+            if let Some(w) = self.read_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn write_result(
+        &mut self,
+        res: Poll<io::Result<usize>>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        match res {
+            Poll::Ready(Err(err)) if fatal(&err) => {
+                self.write_failed(&err);
+                Poll::Ready(Ok(len))
+            }
+            other => other,
+        }
     }
 }
 
@@ -728,6 +840,70 @@ mod tests {
                 assert_eq!(log.take(1, 1), Some(vec!["routing key", "message_id"]));
                 assert_eq!(log.take(1, 2), Some(vec!["header key"]));
             }
+        }
+    }
+
+    /// A socket the peer has reset: reads wait, writes fail.
+    struct Reset;
+
+    impl AsyncRead for Reset {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_by_the_next_read_and_wakes_the_reader() {
+        let mut stream = Checked::new(Reset, Arc::new(PoisonLog::default()));
+        let reader = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let read_waker = Waker::from(reader.clone());
+        let mut read_cx = Context::from_waker(&read_waker);
+        let mut write_cx = Context::from_waker(Waker::noop());
+        let mut out = [0; 16];
+        assert!(Pin::new(&mut stream)
+            .poll_read(&mut read_cx, &mut out)
+            .is_pending());
+        // lapin must see its frames written, or it waits for them forever.
+        match Pin::new(&mut stream).poll_write(&mut write_cx, b"frame") {
+            Poll::Ready(Ok(5)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(reader.0.load(Ordering::SeqCst), 1, "the reader is woken");
+        match Pin::new(&mut stream).poll_read(&mut read_cx, &mut out) {
+            Poll::Ready(Err(err)) => assert_eq!(err.kind(), io::ErrorKind::ConnectionReset),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Pin::new(&mut stream).poll_write(&mut write_cx, b"more"),
+            Poll::Ready(Ok(4))
+        ));
+    }
+
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 
