@@ -25,8 +25,7 @@ const RECOVERY_ATTEMPTS: usize = 10;
 const RECOVERY_MIN_DELAY: Duration = Duration::from_millis(200);
 const RECOVERY_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Longest wait for a recovery under way: the attempts' delays (~30 s at most) plus their
-/// connect timeouts. Normally lapin gives up first; this also ends the wait when its
-/// recovery wedges (seen after `rabbitmqctl stop_app`/`start_app` with publishes in flight).
+/// connect timeouts. Only a guard: lapin gives up first.
 const RECOVERY_WAIT: Duration = Duration::from_secs(60);
 
 /// How long `close()` waits for confirms and for the broker's close-ok: a broker still
