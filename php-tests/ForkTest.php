@@ -123,4 +123,69 @@ final class ForkTest extends TestCase
         $this->assertSame(1, $parent->queueStatus($q)['messages']);
         $parent->deleteQueue($q);
     }
+
+    public function testTwentyChildrenPublishAndConsumeWhileTheParentKeepsItsOwnSocket(): void
+    {
+        // php-fpm style: a parent with a live connection, producer and consumer forks workers.
+        $name = Broker::unique('fork-parent');
+        $parent = new Connection(Broker::URI, ['name' => $name]);
+        $q = $parent->declareQueue(Broker::unique('fork-parent-q'), ['auto_delete' => false]);
+        $producer = $parent->producer();
+        $producer->publish('before', $q);
+        $producer->waitForConfirms(5);
+        $consumer = $parent->consumer($q, ['prefetch' => 10]);
+        $brokerSide = fn () => array_values(array_filter(
+            explode("\n", Broker::ctl('list_connections', 'pid', 'client_properties', '-q', '--no-table-headers')),
+            fn ($line) => str_contains($line, $name),
+        ));
+        $before = $brokerSide();
+        $this->assertCount(1, $before);
+
+        $children = [];
+        for ($i = 0; $i < 20; $i++) {
+            $pid = pcntl_fork();
+            $this->assertNotSame(-1, $pid, 'fork failed');
+            if ($pid === 0) {
+                // Each child works on its own connection, then exits normally: destructors of
+                // the parent's objects it inherited run too, and must leave the socket alone.
+                $code = 1;
+                try {
+                    $own = new Connection(Broker::URI);
+                    $mine = $own->declareQueue('', ['exclusive' => true]);
+                    $p = $own->producer();
+                    for ($n = 0; $n < 10; $n++) {
+                        $p->publish("child $i message $n", $mine);
+                    }
+                    $p->waitForConfirms(10);
+                    $got = 0;
+                    $own->consumer($mine)->consume(function () use (&$got) {
+                        $got++;
+                    }, ['max_messages' => 10, 'max_time' => 10]);
+                    $own->close();
+                    $code = $got === 10 ? 0 : 1;
+                } catch (Throwable $e) {
+                    fwrite(STDERR, "child $i: " . $e->getMessage() . "\n");
+                }
+                exit($code);
+            }
+            $children[] = $pid;
+        }
+        foreach ($children as $i => $pid) {
+            pcntl_waitpid($pid, $status);
+            $this->assertTrue(pcntl_wifexited($status), "child $i ended by a signal");
+            $this->assertSame(0, pcntl_wexitstatus($status), "child $i published and consumed its 10");
+        }
+
+        // The parent's connection is the same one on the broker, and all of it still works.
+        $this->assertSame($before, $brokerSide());
+        $producer->publish('after', $q);
+        $producer->waitForConfirms(5);
+        $bodies = [];
+        $consumer->consume(function ($m) use (&$bodies) {
+            $bodies[] = $m->getBody();
+        }, ['max_messages' => 2, 'max_time' => 10]);
+        $this->assertSame(['before', 'after'], $bodies);
+        $parent->deleteQueue($q);
+        $parent->close();
+    }
 }
