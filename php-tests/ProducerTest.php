@@ -6,6 +6,7 @@ use AmqpRs\ChannelException;
 use AmqpRs\Connection;
 use AmqpRs\Producer;
 use AmqpRs\PublishException;
+use AmqpRs\TimeoutException;
 use AmqpRs\Tests\Support\Broker;
 use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Message\AMQPMessage;
@@ -395,5 +396,36 @@ final class ProducerTest extends TestCase
         ksort($headers);
         ksort($got);
         $this->assertSame($headers, $got);
+    }
+
+    public function testPublishWaitsWhileTheBrokerBlocksTheConnectionThenTimesOutClearly(): void
+    {
+        $producer = $this->conn->producer(['blocked_timeout' => 0.5]);
+        $producer->publish('before the alarm', $this->queue);
+        $producer->waitForConfirms(5);
+        // A memory alarm: the broker blocks every connection that publishes.
+        Broker::ctl('set_vm_memory_high_watermark', '0.000001');
+        try {
+            $thrown = null;
+            $published = 0;
+            for ($i = 0; $i < 100 && $thrown === null; $i++) {
+                try {
+                    $producer->publish("during the alarm $i", $this->queue);
+                    $published++;
+                    usleep(50_000);
+                } catch (TimeoutException $e) {
+                    $thrown = $e;
+                }
+            }
+            $this->assertNotNull($thrown, 'publish() went on into a blocked connection');
+            $this->assertStringContainsString('the broker has blocked this connection', $thrown->getMessage());
+            $this->assertStringContainsString('0.5 s (blocked_timeout)', $thrown->getMessage());
+        } finally {
+            Broker::ctl('set_vm_memory_high_watermark', '0.4');
+        }
+        // Unblocked: work resumes, and what was published during the alarm arrives.
+        $producer->publish('after the alarm', $this->queue);
+        $producer->waitForConfirms(10);
+        $this->assertSame(2 + $published, Broker::countWithAmqplib($this->queue));
     }
 }

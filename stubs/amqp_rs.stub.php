@@ -104,9 +104,11 @@ final class Connection
      * A producer on its own channel of this connection; it keeps the connection open while
      * it lives.
      *
-     * @param array{confirms?: bool, mandatory?: bool} $options confirms (default true):
-     *     publisher confirms, pipelined; mandatory (default false): unroutable messages come
-     *     back as failures
+     * @param array{confirms?: bool, mandatory?: bool, blocked_timeout?: float} $options confirms
+     *     (default true): publisher confirms, pipelined; mandatory (default false): unroutable
+     *     messages come back as failures; blocked_timeout (seconds, default 30): how long
+     *     publish() waits while the broker blocks the connection (a memory or disk alarm)
+     *     before it throws TimeoutException
      */
     public function producer(array $options = []): Producer {}
 

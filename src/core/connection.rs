@@ -211,6 +211,11 @@ impl Link {
         }
     }
 
+    /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).
+    pub(crate) fn blocked(&self) -> bool {
+        self.inner.status().blocked()
+    }
+
     /// Negotiated maximum frame size.
     pub(crate) fn frame_max(&self) -> u32 {
         self.inner.configuration().frame_max()

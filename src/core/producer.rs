@@ -21,7 +21,7 @@ use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most publishes awaiting their confirm (or, without confirms, their write) at once.
 const MAX_IN_FLIGHT: usize = 2000;
@@ -33,6 +33,8 @@ pub struct ProducerOptions {
     pub confirms: bool,
     /// Ask the broker to return unroutable messages (default false).
     pub mandatory: bool,
+    /// How long `publish()` waits while the broker blocks the connection (default 30 s).
+    pub blocked_timeout: Duration,
 }
 
 impl Default for ProducerOptions {
@@ -40,6 +42,7 @@ impl Default for ProducerOptions {
         Self {
             confirms: true,
             mandatory: false,
+            blocked_timeout: COMMAND_TIMEOUT,
         }
     }
 }
@@ -178,6 +181,7 @@ impl Producer {
             return Err(err);
         }
         self.link.ensure_usable("publish")?;
+        self.wait_while_blocked(&message.exchange)?;
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.wait_for_room()?;
         }
@@ -237,6 +241,25 @@ impl Producer {
         Ok(())
     }
 
+    /// Publishing into a connection the broker blocked (a memory or disk alarm) would only
+    /// pile messages up in memory: wait for it to unblock, up to `blocked_timeout`.
+    fn wait_while_blocked(&self, exchange: &str) -> Result<()> {
+        let deadline = Instant::now() + self.options.blocked_timeout;
+        while self.link.blocked() {
+            if Instant::now() >= deadline {
+                return Err(Error::timeout(format!(
+                    "publish to exchange '{exchange}' on {}: the broker has blocked this \
+                     connection (connection.blocked: a memory or disk alarm) for {:.1} s \
+                     (blocked_timeout); publishing resumes once it unblocks",
+                    self.link.endpoint(),
+                    self.options.blocked_timeout.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Settles every in-flight publish that has resolved, oldest first, without blocking.
     fn reap(&mut self) {
         let mut done = Vec::new();
@@ -269,9 +292,15 @@ impl Producer {
         }
         waited.map_err(|err| {
             Error::timeout(format!(
-                "{}: {} publishes still unconfirmed",
+                "{}: {} publishes still unconfirmed{}",
                 err.message(),
-                self.in_flight.len()
+                self.in_flight.len(),
+                if self.link.blocked() {
+                    " (the broker has blocked this connection: connection.blocked, a memory or \
+                     disk alarm)"
+                } else {
+                    ""
+                }
             ))
         })
     }
@@ -638,8 +667,8 @@ mod tests {
     fn unroutable_mandatory_message_is_one_named_failure() {
         let mut conn = connect();
         let options = ProducerOptions {
-            confirms: true,
             mandatory: true,
+            ..ProducerOptions::default()
         };
         let producer = conn.producer(options).expect("producer");
         let mut producer = producer.lock().expect("lock");
@@ -659,8 +688,8 @@ mod tests {
     fn close_reports_failures_the_caller_never_collected() {
         let mut conn = connect();
         let options = ProducerOptions {
-            confirms: true,
             mandatory: true,
+            ..ProducerOptions::default()
         };
         let producer = conn.producer(options).expect("producer");
         producer

@@ -248,19 +248,22 @@ impl Connection {
         })
     }
 
-    /// A producer on its own channel: `confirms` (default true), `mandatory` (default false).
+    /// A producer on its own channel: `confirms` (default true), `mandatory` (default false),
+    /// `blocked_timeout` (seconds `publish()` waits while the broker blocks the connection,
+    /// default 30).
     #[php(defaults(options = PhpArray::EMPTY))]
     pub fn producer(&mut self, options: PhpArray<'_>) -> PhpResult<Producer> {
         guard("AmqpRs\\Connection::producer()", || {
             let opts = Options::new(
                 options.table(),
-                &["confirms", "mandatory"],
+                &["confirms", "mandatory", "blocked_timeout"],
                 "producer options",
             )?;
             let defaults = ProducerOptions::default();
             let options = ProducerOptions {
                 confirms: opts.bool("confirms", defaults.confirms)?,
                 mandatory: opts.bool("mandatory", defaults.mandatory)?,
+                blocked_timeout: opts.duration("blocked_timeout", defaults.blocked_timeout)?,
             };
             Ok(Producer::new(self.inner.producer(options)?))
         })

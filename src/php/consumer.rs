@@ -196,13 +196,8 @@ impl Consumer {
 }
 
 fn seconds(opts: &Options<'_>, key: &str) -> PhpResult<Option<Duration>> {
-    let value = opts.float(key, 0.0)?;
-    if !(value.is_finite() && value >= 0.0) {
-        return Err(invalid_argument(format!(
-            "consume() options: option '{key}' must be a number of seconds >= 0, got {value}"
-        )));
-    }
-    Ok((value > 0.0).then(|| Duration::from_secs_f64(value)))
+    let value = opts.duration(key, Duration::ZERO)?;
+    Ok((!value.is_zero()).then_some(value))
 }
 
 /// Lets PHP run the pcntl handlers of signals that arrived while we waited in Rust.

@@ -6,6 +6,7 @@ use ext_php_rs::exception::PhpResult;
 use ext_php_rs::flags::DataType;
 use ext_php_rs::types::{ArrayKey, ZendHashTable, Zval};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use std::time::Duration;
 
 /// An `array $x = []` parameter: a borrowed PHP array, or none when the caller omitted it.
 ///
@@ -169,6 +170,18 @@ impl<'a> Options<'a> {
                 .unwrap_or(default)),
             Some(v) => Err(self.wrong_type(key, "float", v)),
         }
+    }
+
+    /// A duration option, in seconds (int or float, >= 0); `default` when absent or null.
+    pub fn duration(&self, key: &str, default: Duration) -> PhpResult<Duration> {
+        let value = self.float(key, default.as_secs_f64())?;
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(invalid_argument(format!(
+                "{}: option '{key}' must be a number of seconds >= 0, got {value}",
+                self.context
+            )));
+        }
+        Ok(Duration::from_secs_f64(value))
     }
 
     /// A string option, `None` when absent or null.
