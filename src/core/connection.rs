@@ -147,26 +147,18 @@ impl Link {
     /// (lapin reopens it under the same number once the connection is back).
     pub(crate) fn channel_usable(&self, channel: &Channel) -> bool {
         let deadline = std::time::Instant::now() + RECOVERY_WAIT;
-        loop {
-            if channel.status().connected() {
-                return true;
-            }
-            if !self.recovers() || std::time::Instant::now() >= deadline {
-                return false;
-            }
-            let connection = self.inner.status();
-            let closed_for_good = if connection.connected() {
-                // The broker closed this channel (404...): lapin does not reopen those.
-                !channel.status().reconnecting()
-            } else {
-                // Recovery gave up, or was never under way.
-                !(connection.reconnecting() || connection.connecting())
-            };
-            if closed_for_good {
+        while !channel.status().connected() {
+            // Once the connection is back, a channel lapin is not reopening is closed for
+            // good: the broker closed it (404...), and lapin does not reopen those.
+            if !self.await_recovery()
+                || !channel.status().reconnecting()
+                || std::time::Instant::now() >= deadline
+            {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        true
     }
 
     /// Waits while lapin re-establishes a lost connection; true once it is back.

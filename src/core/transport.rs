@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use async_rs::traits::{AsyncToSocketAddrs, Executor, Reactor, RuntimeKit};
+use async_rs::traits::{Executor, Reactor, RuntimeKit};
 use async_rs::util::Task;
 use async_rs::Tokio;
 use futures_core::Stream;
@@ -373,20 +373,6 @@ fn remember(slot: &mut Option<Waker>, cx: &Context<'_>) {
     }
 }
 
-impl<S> Checked<S> {
-    /// The read side saw the end or an error: lapin stops polling writes then (the same
-    /// wedge as in `write_failed`), so it is woken to write once more, into the void, which
-    /// releases the frames it serialized and still counts as in flight.
-    fn read_side_dead(&mut self) {
-        if !self.write_dead {
-            self.write_dead = true;
-            if let Some(w) = self.write_waker.take() {
-                w.wake();
-            }
-        }
-    }
-}
-
 /// How much is asked of the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -412,6 +398,48 @@ impl<S> Checked<S> {
         self.start += n;
         n
     }
+
+    /// The read side saw the end or an error: lapin stops polling writes then (the same
+    /// wedge as in `write_failed`), so it is woken to write once more, into the void, which
+    /// releases the frames it serialized and still counts as in flight.
+    fn read_side_dead(&mut self) {
+        if !self.write_dead {
+            self.write_dead = true;
+            if let Some(w) = self.write_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// lapin 4.12 wedges on a write error (seen when a broker restarts under publishes):
+    /// its io-loop then stops polling the socket either way, but keeps the frames it had
+    /// serialized as in flight, and goes on waiting while any is, for an event that no poll
+    /// is left to bring; it never reconnects. So the write is reported done (the bytes go
+    /// nowhere, the connection is dead) and the error is handed to the next read, whose
+    /// waker is woken so that the read comes.
+    fn write_failed(&mut self, err: &io::Error) {
+        self.write_dead = true;
+        if self.read_err.is_none() {
+            self.read_err = Some((err.kind(), err.to_string()));
+            if let Some(w) = self.read_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn write_result(
+        &mut self,
+        res: Poll<io::Result<usize>>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        match res {
+            Poll::Ready(Err(err)) if fatal(&err) => {
+                self.write_failed(&err);
+                Poll::Ready(Ok(len))
+            }
+            other => other,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Checked<S> {
@@ -433,32 +461,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for Checked<S> {
 }
 
 impl<S: AsyncRead + Unpin> Checked<S> {
+    /// The read itself: checked bytes first, then a pending write error, then the socket.
     fn poll_read_inner(&mut self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
-        let this = self;
         loop {
-            if this.start < this.ready {
-                let ready = this.ready;
-                return Poll::Ready(Ok(this.hand_out(out, ready)));
+            if self.start < self.ready {
+                let ready = self.ready;
+                return Poll::Ready(Ok(self.hand_out(out, ready)));
             }
-            if let Some((kind, msg)) = &this.read_err {
+            if let Some((kind, msg)) = &self.read_err {
                 return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
             }
-            if this.eof {
+            if self.eof {
                 // What is left is an incomplete frame: let lapin see it and the end of stream.
-                let end = this.buf.len();
-                return Poll::Ready(Ok(this.hand_out(out, end)));
+                let end = self.buf.len();
+                return Poll::Ready(Ok(self.hand_out(out, end)));
             }
-            if this.buf.len() == this.ready {
+            if self.buf.len() == self.ready {
                 // Nothing held: read straight into the reader's buffer and check it there.
-                this.buf.clear();
-                this.start = 0;
-                this.ready = 0;
-                match Pin::new(&mut this.inner).poll_read(cx, out) {
+                self.buf.clear();
+                self.start = 0;
+                self.ready = 0;
+                match Pin::new(&mut self.inner).poll_read(cx, out) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
                     Poll::Ready(Ok(n)) => {
-                        let checked = this.scanner.scan(&mut out[..n]);
+                        let checked = self.scanner.scan(&mut out[..n]);
                         // An incomplete frame at the end waits here for the rest.
-                        this.buf.extend_from_slice(&out[checked..n]);
+                        self.buf.extend_from_slice(&out[checked..n]);
                         if checked > 0 {
                             return Poll::Ready(Ok(checked));
                         }
@@ -468,23 +496,23 @@ impl<S: AsyncRead + Unpin> Checked<S> {
                 }
             }
             // Everything before `ready` is handed out: keep only the incomplete frame.
-            this.buf.drain(..this.ready);
-            this.start = 0;
-            this.ready = 0;
-            let held = this.buf.len();
-            this.buf.resize(held + READ_CHUNK, 0);
-            let read = Pin::new(&mut this.inner).poll_read(cx, &mut this.buf[held..]);
+            self.buf.drain(..self.ready);
+            self.start = 0;
+            self.ready = 0;
+            let held = self.buf.len();
+            self.buf.resize(held + READ_CHUNK, 0);
+            let read = Pin::new(&mut self.inner).poll_read(cx, &mut self.buf[held..]);
             let got = match &read {
                 Poll::Ready(Ok(n)) => *n,
                 _ => 0,
             };
-            this.buf.truncate(held + got);
+            self.buf.truncate(held + got);
             match read {
-                Poll::Ready(Ok(0)) => this.eof = true,
+                Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(_)) => {
                     // The held bytes were scanned before, up to their incomplete frame, which
                     // the scanner starts from again now that more of it is here.
-                    this.ready = this.scanner.scan(&mut this.buf);
+                    self.ready = self.scanner.scan(&mut self.buf);
                 }
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => return Poll::Pending,
@@ -540,38 +568,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Checked<S> {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
-
-impl<S> Checked<S> {
-    /// lapin 4.12 wedges on a write error (seen when a broker restarts under publishes):
-    /// its io-loop then stops polling the socket either way, but keeps the frames it had
-    /// serialized as in flight, and goes on waiting while any is, for an event that no poll
-    /// is left to bring; it never reconnects. So the write is reported done (the bytes go
-    /// nowhere, the connection is dead) and the error is handed to the next read, whose
-    /// waker is woken so that the read comes.
-    fn write_failed(&mut self, err: &io::Error) {
-        self.write_dead = true;
-        if self.read_err.is_none() {
-            self.read_err = Some((err.kind(), err.to_string()));
-            if let Some(w) = self.read_waker.take() {
-                w.wake();
-            }
-        }
-    }
-
-    fn write_result(
-        &mut self,
-        res: Poll<io::Result<usize>>,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        match res {
-            Poll::Ready(Err(err)) if fatal(&err) => {
-                self.write_failed(&err);
-                Poll::Ready(Ok(len))
-            }
-            other => other,
-        }
     }
 }
 
@@ -650,18 +646,6 @@ impl Reactor for CheckedKit {
 
     fn interval(&self, dur: Duration) -> impl Stream<Item = Instant> + Send + 'static {
         self.tokio.interval(dur)
-    }
-
-    fn tcp_connect<A: AsyncToSocketAddrs + Send>(
-        &self,
-        addrs: A,
-    ) -> impl Future<Output = io::Result<Self::TcpStream>> + Send
-    where
-        Self: Sync + Sized,
-    {
-        let log = self.log.clone();
-        let connect = self.tokio.tcp_connect(addrs);
-        async move { Ok(Checked::new(AsyncTcpStream::Plain(connect.await?), log)) }
     }
 
     fn tcp_connect_addr(

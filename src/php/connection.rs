@@ -10,12 +10,12 @@ use crate::core::producer::ProducerOptions;
 use crate::core::topology::{ExchangeSpec, QueueSpec};
 use crate::php::consumer::Consumer;
 use crate::php::convert::{string_list, to_field_table, Options, PhpArray, StringOrList};
-use crate::php::exceptions::{guard, invalid_argument, warn, ExceptionClass};
+use crate::php::exceptions::{guard, invalid_argument, warn};
 use crate::php::message::Message;
 use crate::php::producer::Producer;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::convert::{FromZval, StubLiteral};
-use ext_php_rs::exception::{PhpException, PhpResult};
+use ext_php_rs::exception::PhpResult;
 use ext_php_rs::flags::DataType;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendHashTable, Zval};
@@ -321,14 +321,7 @@ impl Connection {
         guard("AmqpRs\\Connection::get()", || {
             let (delivery, warnings) = self.inner.get(queue, autoAck)?;
             for warning in warnings {
-                if warn(&warning) {
-                    // The pending exception wins over this one.
-                    return Err(PhpException::new(
-                        "the error handler threw".to_string(),
-                        0,
-                        ExceptionClass::Base.ce(),
-                    ));
-                }
+                warn(&warning)?;
             }
             Ok(delivery.map(|d| Message::new(d, None, None, autoAck)))
         })

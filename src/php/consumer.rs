@@ -137,13 +137,9 @@ impl Consumer {
             last_activity = Instant::now();
             if let Some(warning) = incoming.poisoned {
                 // Settled already; the application never sees a message with `?` for bytes.
-                if warn(&warning) {
+                if let Err(thrown) = warn(&warning) {
                     let _ = self.inner.borrow().flush_acks();
-                    return Err(PhpException::new(
-                        "the error handler threw".to_string(),
-                        0,
-                        ExceptionClass::Base.ce(),
-                    ));
+                    return Err(thrown);
                 }
                 continue;
             }

@@ -260,8 +260,16 @@ pub fn guard<T>(what: &str, body: impl FnOnce() -> PhpResult<T>) -> PhpResult<T>
     }
 }
 
-/// Raises an `E_WARNING`; true if the user's error handler threw (the exception is pending).
-pub(crate) fn warn(message: &str) -> bool {
+/// Raises an `E_WARNING`; an error if the user's error handler threw (that exception is
+/// pending in the engine and wins over the one returned here).
+pub(crate) fn warn(message: &str) -> PhpResult<()> {
     ext_php_rs::error::php_error(&ext_php_rs::flags::ErrorType::Warning, message);
-    ext_php_rs::zend::ExecutorGlobals::has_exception()
+    if ext_php_rs::zend::ExecutorGlobals::has_exception() {
+        return Err(PhpException::new(
+            "the error handler threw".to_string(),
+            0,
+            ExceptionClass::Base.ce(),
+        ));
+    }
+    Ok(())
 }

@@ -103,6 +103,7 @@ impl Drop for Producer {
                 err.message()
             ),
         };
-        warn(&message);
+        // A destructor has nowhere to pass an exception on to.
+        let _ = warn(&message);
     }
 }
