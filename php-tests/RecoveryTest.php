@@ -23,6 +23,8 @@ final class RecoveryTest extends TestCase
     /** @var resource[] rabbitmqctl runs started in the background */
     private array $faults = [];
     private ?string $lastClosed = null;
+    /** @var list<array{resource, resource, resource}> fault proxies: process, stdin, stdout */
+    private array $proxies = [];
 
     protected function setUp(): void
     {
@@ -34,6 +36,10 @@ final class RecoveryTest extends TestCase
     {
         foreach ($this->faults as $fault) {
             proc_close($fault);
+        }
+        foreach ($this->proxies as [$proc, $stdin]) {
+            fclose($stdin);
+            proc_close($proc);
         }
         $conn = new Connection(Broker::URI, ['reconnect' => false]);
         $conn->deleteQueue($this->queue);
@@ -78,6 +84,25 @@ final class RecoveryTest extends TestCase
             usleep(100_000);
         }
         return null;
+    }
+
+    /** Starts a fault proxy in front of the broker (Support/fault_proxy.php); returns its port. */
+    private function proxy(): int
+    {
+        $proc = proc_open([PHP_BINARY, __DIR__ . '/Support/fault_proxy.php', '5672'], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
+        $this->assertIsResource($proc);
+        $port = (int) trim((string) fgets($pipes[1]));
+        $this->assertGreaterThan(0, $port, 'proxy did not start');
+        $this->proxies[] = [$proc, $pipes[0], $pipes[1]];
+        return $port;
+    }
+
+    /** Tells the last proxy started to 'freeze' or go 'down', and waits until it has. */
+    private function fault(string $command): void
+    {
+        [, $stdin, $stdout] = $this->proxies[array_key_last($this->proxies)];
+        fwrite($stdin, "$command\n");
+        $this->assertSame("ok\n", fgets($stdout));
     }
 
     /** Message ids in the queue, read with php-amqplib (independent of amqp_rs). */
@@ -246,5 +271,75 @@ final class RecoveryTest extends TestCase
         $this->expectException(ConnectionException::class);
         $this->expectExceptionMessage('reconnect is off');
         $producer->publish('x', $this->queue);
+    }
+
+    public function testASilentBlackHoleIsFoundByHeartbeatsAndRecovered(): void
+    {
+        $port = $this->proxy();
+        $conn = new Connection("amqp://guest:guest@127.0.0.1:$port/%2f", ['name' => $this->name, 'heartbeat' => 2]);
+        $conn->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
+        $producer = $conn->producer();
+        $failed = [];
+        $publish = function (int $from, int $to) use ($producer, &$failed): void {
+            for ($i = $from; $i < $to; $i++) {
+                $producer->publish("body $i", $this->queue, '', ['message_id' => "m$i"]);
+            }
+            try {
+                // Without heartbeats this would wait out its 30 s: no byte ever comes back.
+                $producer->waitForConfirms(30);
+            } catch (PublishException $e) {
+                foreach ($e->getFailures() as $f) {
+                    $this->assertStringContainsString('lost before the broker confirmed it', $f['reason']);
+                    $failed[] = $f['message_id'];
+                }
+            }
+        };
+        $publish(0, 300);
+        $this->assertSame([], $failed);
+        $before = $this->lastClosed = $this->connectionPid();
+
+        // The flow goes silent, no FIN, no RST: only missing heartbeats can tell.
+        $this->fault('freeze');
+        $publish(300, 600);
+        $this->assertNotSame([], $failed, 'the publishes written into the black hole are reported');
+        $this->assertNotSame($before, $this->awaitReplaced(), 'a new connection replaced the silent one');
+
+        // The caller republishes what was reported; everything is then in the queue, once.
+        foreach ($failed as $id) {
+            $producer->publish('again', $this->queue, '', ['message_id' => $id]);
+        }
+        $producer->waitForConfirms(30);
+        $conn->close();
+        $ids = $this->idsInQueue();
+        sort($ids);
+        $expected = array_map(fn ($i) => "m$i", range(0, 599));
+        sort($expected);
+        $this->assertSame($expected, $ids);
+    }
+
+    public function testOnceTheAttemptsAreSpentTheErrorSaysSo(): void
+    {
+        $port = $this->proxy();
+        $conn = new Connection("amqp://guest:guest@127.0.0.1:$port/%2f", ['name' => $this->name]);
+        $conn->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
+        $producer = $conn->producer();
+        $producer->publish('before', $this->queue);
+        $producer->waitForConfirms(10);
+
+        // The broker's address refuses connections for good: every attempt fails.
+        $this->fault('down');
+        for ($i = 0; $i < 100 && $conn->isConnected(); $i++) {
+            usleep(20_000);
+        }
+        $this->assertFalse($conn->isConnected(), 'the loss was noticed');
+        try {
+            $producer->publish('after', $this->queue);
+            $this->fail('expected ConnectionException');
+        } catch (ConnectionException $e) {
+            $this->assertStringContainsString("publish on amqp://guest@127.0.0.1:$port/%2F", $e->getMessage());
+            $this->assertStringContainsString('could not be recovered (10 attempts)', $e->getMessage());
+        }
+        $this->assertFalse($conn->isConnected());
+        $this->assertSame(1, Broker::countWithAmqplib($this->queue));
     }
 }

@@ -1,18 +1,18 @@
 //! One AMQP connection to the first broker of a list that answers, and the channel that
-//! carries its topology commands.
+//! carries its topology commands. Recovery walks the same list (cluster failover).
 
 use crate::core::consumer::{Consumer, ConsumerOptions};
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::producer::{Producer, ProducerOptions};
 use crate::core::runtime;
-use crate::core::transport::{CheckedKit, PoisonLog};
+use crate::core::transport::{CheckedKit, CheckedStream, PoisonLog};
 use crate::core::uri::{self, Endpoint};
-use lapin::tcp::{AMQPUriTcpExt, OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, ConnectionProperties};
 use std::io;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -24,9 +24,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const RECOVERY_ATTEMPTS: usize = 10;
 const RECOVERY_MIN_DELAY: Duration = Duration::from_millis(200);
 const RECOVERY_MAX_DELAY: Duration = Duration::from_secs(5);
-/// Longest wait for a recovery under way: the attempts' delays (~30 s at most) plus their
-/// connect timeouts. Only a guard: lapin gives up first.
-const RECOVERY_WAIT: Duration = Duration::from_secs(60);
+/// Longest wait for a recovery under way: the attempts' delays (31 s, up to twice that with
+/// jitter) plus their connect timeouts. Only a guard: lapin gives up first.
+const RECOVERY_WAIT: Duration = Duration::from_secs(90);
 
 /// How long `close()` waits for confirms and for the broker's close-ok: a broker still
 /// working through a burst of persistent messages answers only after them.
@@ -83,7 +83,8 @@ pub(crate) struct Link {
     // ManuallyDrop: in a forked child this belongs to the parent and must be leaked, not
     // dropped (a drop would queue a connection.close for the parent's socket).
     inner: ManuallyDrop<lapin::Connection>,
-    endpoint: String,
+    /// The brokers given; `attempts.current` says which one the connection is on.
+    endpoints: Arc<Vec<Endpoint>>,
     generation: u64,
     closed: AtomicBool,
     /// Deliveries whose short strings were not UTF-8, found by the socket's check.
@@ -95,9 +96,14 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// `amqp://user@host:port/vhost`, safe to print.
+    /// `amqp://user@host:port/vhost` of the broker the connection is on (it changes when
+    /// recovery fails over to another one), safe to print.
     pub(crate) fn endpoint(&self) -> &str {
-        &self.endpoint
+        let current = self.attempts.current.load(Ordering::Acquire);
+        self.endpoints
+            .get(current)
+            .or_else(|| self.endpoints.first())
+            .map_or("", |e| e.display.as_str())
     }
 
     /// Whether this object was made in this process (not inherited through `fork()`).
@@ -114,20 +120,20 @@ impl Link {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::connection(format!(
                 "{what} on {}: the connection is closed",
-                self.endpoint
+                self.endpoint()
             )));
         }
         if !self.is_own() {
             return Err(Error::connection(format!(
                 "{what} on {}: this connection was opened by the parent process before fork(); \
                  open a new Connection in the child",
-                self.endpoint
+                self.endpoint()
             )));
         }
         if !self.inner.status().connected() && !self.await_recovery() {
             return Err(Error::connection(format!(
                 "{what} on {}: the connection is lost{}",
-                self.endpoint,
+                self.endpoint(),
                 if self.reconnect {
                     format!(" and could not be recovered ({RECOVERY_ATTEMPTS} attempts)")
                 } else {
@@ -172,7 +178,8 @@ impl Link {
             if status.connected() {
                 return true;
             }
-            let under_way = status.reconnecting() || status.connecting();
+            let under_way =
+                (status.reconnecting() || status.connecting()) && !self.attempts.spent();
             if !under_way || std::time::Instant::now() >= deadline {
                 return false;
             }
@@ -183,7 +190,7 @@ impl Link {
     /// Opens a new channel; `what` names the purpose in errors.
     pub(crate) fn open_channel(&self, what: &str) -> Result<Channel> {
         self.ensure_usable(what)?;
-        let context = format!("open a channel to {what} on {}", self.endpoint);
+        let context = format!("open a channel to {what} on {}", self.endpoint());
         runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
             .map_err(|e| Error::from_lapin(&e, &context))
     }
@@ -198,7 +205,7 @@ impl Link {
     /// close fail ("channel is Closing").
     pub(crate) fn close_channel(&self, channel: &Channel, what: &str) {
         if channel.status().connected() && self.is_connected() {
-            let context = format!("close the {what} channel on {}", self.endpoint);
+            let context = format!("close the {what} channel on {}", self.endpoint());
             let _ = runtime::block_on(channel.close(200, "bye".into()), COMMAND_TIMEOUT, &context);
         }
     }
@@ -225,7 +232,7 @@ impl Link {
         if !self.inner.status().connected() {
             return Ok(());
         }
-        let context = format!("close the connection to {}", self.endpoint);
+        let context = format!("close the connection to {}", self.endpoint());
         runtime::block_on(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)?
             .map_err(|e| Error::from_lapin(&e, &context))
     }
@@ -286,17 +293,86 @@ fn tls_config(tls: &TlsOptions) -> Result<OwnedTLSConfig> {
     })
 }
 
+/// The URI lapin connects to for `endpoint`, with the options that travel in its query.
+fn prepared(endpoint: &Endpoint, options: &ConnectOptions) -> AMQPUri {
+    let mut uri = endpoint.uri.clone();
+    uri.query.heartbeat = Some(options.heartbeat);
+    uri.query.connection_timeout = Some(options.connect_timeout.as_millis() as u64);
+    uri
+}
+
+/// Whether a recovery may move the connection from `from` to `to`: lapin logs in again with
+/// the first broker's user, password and vhost, so only brokers given with the same qualify.
+fn same_login(from: &AMQPUri, to: &AMQPUri) -> bool {
+    from.authority.userinfo.username == to.authority.userinfo.username
+        && from.authority.userinfo.password == to.authority.userinfo.password
+        && from.vhost == to.vhost
+}
+
+/// Opens the socket of one recovery attempt: the brokers of the list in turn, starting with
+/// the one after the broker last used (it is the likeliest to be down), until one answers.
+async fn reconnect_socket(
+    endpoints: &[Endpoint],
+    options: &ConnectOptions,
+    tls: &OwnedTLSConfig,
+    kit: &CheckedKit,
+    attempts: &Attempts,
+) -> lapin::Result<AsyncTcpStream<CheckedStream>> {
+    let outcome = walk_endpoints(endpoints, options, tls, kit, attempts).await;
+    if outcome.is_ok() {
+        attempts.recovery_failures.store(0, Ordering::Release);
+    } else {
+        attempts.recovery_failures.fetch_add(1, Ordering::AcqRel);
+    }
+    outcome
+}
+
+async fn walk_endpoints(
+    endpoints: &[Endpoint],
+    options: &ConnectOptions,
+    tls: &OwnedTLSConfig,
+    kit: &CheckedKit,
+    attempts: &Attempts,
+) -> lapin::Result<AsyncTcpStream<CheckedStream>> {
+    let last = attempts.current.load(Ordering::Acquire);
+    let base = prepared(&endpoints[last.min(endpoints.len() - 1)], options);
+    let mut failure = io::Error::other("no broker of the list shares the first one's login");
+    for step in 1..=endpoints.len() {
+        let index = (last + step) % endpoints.len();
+        let uri = prepared(&endpoints[index], options);
+        if !same_login(&base, &uri) {
+            continue;
+        }
+        let reactor = kit.tokio();
+        let connect = uri.connect_with_config_async(tls.as_ref(), &reactor);
+        match tokio::time::timeout(options.connect_timeout, connect).await {
+            Ok(Ok(stream)) => {
+                attempts.current.store(index, Ordering::Release);
+                return Ok(kit.check(stream));
+            }
+            Ok(Err(err)) => failure = err,
+            Err(_) => {
+                failure = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from {} in time", endpoints[index].display),
+                )
+            }
+        }
+    }
+    Err(failure.into())
+}
+
 async fn connect_one(
-    endpoint: Endpoint,
+    endpoints: Arc<Vec<Endpoint>>,
     options: ConnectOptions,
     tls: OwnedTLSConfig,
     handle: tokio::runtime::Handle,
     poison: Arc<PoisonLog>,
     attempts: Arc<Attempts>,
 ) -> Result<lapin::Connection> {
-    let mut uri = endpoint.uri.clone();
-    uri.query.heartbeat = Some(options.heartbeat);
-    uri.query.connection_timeout = Some(options.connect_timeout.as_millis() as u64);
+    let index = attempts.current.load(Ordering::Acquire);
+    let display = endpoints[index].display.clone();
+    let uri = prepared(&endpoints[index], &options);
     let mut props = ConnectionProperties::default()
         .with_client_property("product".into(), "amqp_rs".into())
         .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
@@ -317,10 +393,14 @@ async fn connect_one(
     let kit = CheckedKit::new(handle, poison);
     let runtime = async_rs::Runtime::new(kit.clone());
     let first = attempts.clone();
+    let connect_timeout = options.connect_timeout;
     // lapin calls this again for each reconnection, so the check is on every socket it uses.
     let open = async move |uri: AMQPUri, _| {
         if attempts.abandoned.load(Ordering::Acquire) {
             return Err(io::Error::other("connection attempt abandoned").into());
+        }
+        if attempts.established.load(Ordering::Acquire) {
+            return reconnect_socket(&endpoints, &options, &tls, &kit, &attempts).await;
         }
         match uri
             .connect_with_config_async(tls.as_ref(), &kit.tokio())
@@ -339,19 +419,17 @@ async fn connect_one(
     };
     let attempt = lapin::Connection::connector(uri, runtime, open, props);
     let outcome = tokio::select! {
-        attempt = tokio::time::timeout(options.connect_timeout, attempt) => match attempt {
+        attempt = tokio::time::timeout(connect_timeout, attempt) => match attempt {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(describe_connect_error(&e, &endpoint.display)),
+            Ok(Err(e)) => Err(describe_connect_error(&e, &display)),
             // A connect that times out is still a failure to connect: ConnectionException.
             Err(_) => Err(Error::connection(format!(
-                "cannot connect to {}: no AMQP handshake within {:.1} s (connect_timeout)",
-                endpoint.display,
-                options.connect_timeout.as_secs_f64()
+                "cannot connect to {display}: no AMQP handshake within {:.1} s (connect_timeout)",
+                connect_timeout.as_secs_f64()
             ))),
         },
         err = first.first_failure() => Err(Error::connection(format!(
-            "cannot connect to {}: {err}",
-            endpoint.display
+            "cannot connect to {display}: {err}"
         ))),
     };
     match outcome {
@@ -375,6 +453,10 @@ async fn connect_one(
 /// that a connection closed during an outage does not come back by itself.
 #[derive(Default)]
 pub(crate) struct Attempts {
+    /// Index in the list of the broker the connection is on (or is being opened to).
+    current: AtomicUsize,
+    /// Recovery attempts in a row that found no broker to connect to.
+    recovery_failures: AtomicUsize,
     established: AtomicBool,
     abandoned: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -382,6 +464,13 @@ pub(crate) struct Attempts {
 }
 
 impl Attempts {
+    /// Whether lapin has spent its attempts: it then stops, but leaves the connection's
+    /// status at "reconnecting" for good.
+    fn spent(&self) -> bool {
+        // The first attempt, then one per retry.
+        self.recovery_failures.load(Ordering::Acquire) > RECOVERY_ATTEMPTS
+    }
+
     fn abandon(&self) {
         self.abandoned.store(true, Ordering::Release);
     }
@@ -442,14 +531,16 @@ impl Connection {
             OwnedTLSConfig::default()
         };
         let (handle, generation) = runtime::current()?;
+        let endpoints = Arc::new(endpoints);
         let mut failures = Vec::new();
-        for endpoint in &endpoints {
+        for (index, endpoint) in endpoints.iter().enumerate() {
             // Spawned, so lapin's io-loop thread is started from (and inherits the scheduling
             // policy of) a runtime worker, not the PHP thread.
             let poison = Arc::new(PoisonLog::default());
             let attempts = Arc::new(Attempts::default());
+            attempts.current.store(index, Ordering::Release);
             let attempt = handle.spawn(connect_one(
-                endpoint.clone(),
+                endpoints.clone(),
                 options.clone(),
                 tls.clone(),
                 handle.clone(),
@@ -472,7 +563,7 @@ impl Connection {
                     let link = Link {
                         producers: Mutex::new(Vec::new()),
                         inner: ManuallyDrop::new(inner),
-                        endpoint: endpoint.display.clone(),
+                        endpoints: endpoints.clone(),
                         generation,
                         closed: AtomicBool::new(false),
                         poison,
@@ -728,5 +819,39 @@ pub(crate) mod tests {
             err.message()
         );
         assert!(!err.message().contains("not-the-password"));
+    }
+
+    #[test]
+    fn recovery_walks_the_list_from_the_broker_after_the_last_one() {
+        let endpoints: Vec<Endpoint> = [
+            BROKER,
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+            "amqp://someone-else:pw@127.0.0.1:5672/%2f",
+        ]
+        .iter()
+        .map(|u| uri::parse(u).expect("valid"))
+        .collect();
+        let (handle, _) = runtime::current().expect("runtime");
+        let kit = CheckedKit::new(handle.clone(), Arc::new(PoisonLog::default()));
+        let options = ConnectOptions::default();
+        let tls = OwnedTLSConfig::default();
+        let attempts = Attempts::default();
+        // Last on the broker: the refused port is tried next, the other login is skipped,
+        // and the walk comes round to the broker again.
+        let reconnect = || {
+            handle
+                .block_on(reconnect_socket(
+                    &endpoints, &options, &tls, &kit, &attempts,
+                ))
+                .is_ok()
+        };
+        assert!(reconnect());
+        assert_eq!(attempts.current.load(Ordering::Acquire), 0);
+        let down = [endpoints[1].clone()];
+        let failed = handle.block_on(reconnect_socket(&down, &options, &tls, &kit, &attempts));
+        assert!(
+            failed.is_err(),
+            "a list with no broker up fails the attempt"
+        );
     }
 }
