@@ -233,6 +233,72 @@ final class ProducerTest extends TestCase
         $this->assertSame(100, Broker::countWithAmqplib($this->queue));
     }
 
+    /** A queue that nacks what would take it over $max messages (x-overflow reject-publish). */
+    private function boundedQueue(int $max): string
+    {
+        return $this->conn->declareQueue(Broker::unique('bounded'), ['auto_delete' => false, 'arguments' => [
+            'x-max-length' => $max,
+            'x-overflow' => 'reject-publish',
+        ]]);
+    }
+
+    public function testNackedMessagesAreRepublishedWithBackoffUntilTheBrokerTakesThem(): void
+    {
+        $queue = $this->boundedQueue(5);
+        try {
+            $producer = $this->conn->producer();
+            for ($i = 0; $i < 8; $i++) {
+                $producer->publish("m$i", $queue, '', ['message_id' => "m$i"]);
+            }
+            // m5 to m7 are nacked: the queue is full. Make room before their republish.
+            usleep(100_000);
+            $this->assertSame(3, $producer->pendingConfirms(), 'the nacked ones wait for their republish');
+            $reader = new Connection(Broker::URI);
+            for ($i = 0; $i < 5; $i++) {
+                $message = $reader->get($queue);
+                $this->assertSame("m$i", $message?->getBody());
+                $message->ack();
+            }
+            $reader->close();
+            $producer->waitForConfirms(20);
+            $this->assertSame(0, $producer->pendingConfirms());
+            $this->assertSame(3, Broker::countWithAmqplib($queue), 'the nacked ones landed on a retry');
+        } finally {
+            $this->conn->deleteQueue($queue);
+        }
+    }
+
+    public function testANackedMessageIsReportedOnceItsRetriesAreSpent(): void
+    {
+        $queue = $this->boundedQueue(1);
+        try {
+            $producer = $this->conn->producer(['nack_retries' => 2]);
+            $producer->publish('kept', $queue, '', ['message_id' => 'kept']);
+            $producer->publish('refused', $queue, '', ['message_id' => 'refused']);
+            try {
+                $producer->waitForConfirms(20);
+                $this->fail('expected PublishException');
+            } catch (PublishException $e) {
+                $this->assertCount(1, $e->getFailures());
+                $this->assertSame('refused', $e->getFailures()[0]['message_id']);
+                $this->assertSame(0, $e->getFailures()[0]['reply_code']);
+                $this->assertStringContainsString('nacked by the broker 3 times (republished 2 times', $e->getFailures()[0]['reason']);
+            }
+
+            $once = $this->conn->producer(['nack_retries' => 0]);
+            $once->publish('refused', $queue, '', ['message_id' => 'refused']);
+            try {
+                $once->waitForConfirms(5);
+                $this->fail('expected PublishException');
+            } catch (PublishException $e) {
+                $this->assertSame('nacked by the broker', $e->getFailures()[0]['reason']);
+            }
+            $this->assertSame(1, Broker::countWithAmqplib($queue));
+        } finally {
+            $this->conn->deleteQueue($queue);
+        }
+    }
+
     public function testCloseReportsFailuresNotYetCollected(): void
     {
         $producer = $this->conn->producer(['mandatory' => true]);

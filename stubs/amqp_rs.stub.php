@@ -104,11 +104,13 @@ final class Connection
      * A producer on its own channel of this connection; it keeps the connection open while
      * it lives.
      *
-     * @param array{confirms?: bool, mandatory?: bool, blocked_timeout?: float} $options confirms
-     *     (default true): publisher confirms, pipelined; mandatory (default false): unroutable
-     *     messages come back as failures; blocked_timeout (seconds, default 30): how long
-     *     publish() waits while the broker blocks the connection (a memory or disk alarm)
-     *     before it throws TimeoutException
+     * @param array{confirms?: bool, mandatory?: bool, blocked_timeout?: float,
+     *     nack_retries?: int} $options confirms (default true): publisher confirms, pipelined;
+     *     mandatory (default false): unroutable messages come back as failures;
+     *     blocked_timeout (seconds, default 30): how long publish() waits while the broker
+     *     blocks the connection (a memory or disk alarm) before it throws TimeoutException;
+     *     nack_retries (0 to 20, default 6): how many times a nacked message is republished,
+     *     on a new channel after a delay doubling from 0.25 s, before it is reported
      */
     public function producer(array $options = []): Producer {}
 

@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 /// Most publishes awaiting their confirm (or, without confirms, their write) at once.
 const MAX_IN_FLIGHT: usize = 2000;
 
+/// Delay before the first republish of a nacked message; it doubles each time, up to the max.
+const NACK_RETRY_DELAY: Duration = Duration::from_millis(250);
+const NACK_RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
+
 /// Settings of a producer.
 #[derive(Clone, Copy, Debug)]
 pub struct ProducerOptions {
@@ -35,6 +39,9 @@ pub struct ProducerOptions {
     pub mandatory: bool,
     /// How long `publish()` waits while the broker blocks the connection (default 30 s).
     pub blocked_timeout: Duration,
+    /// How many times a nacked message is republished, on a new channel and after a growing
+    /// delay, before it is reported as failed (default 6, about 13 s in all; 0: report at once).
+    pub nack_retries: u32,
 }
 
 impl Default for ProducerOptions {
@@ -43,6 +50,7 @@ impl Default for ProducerOptions {
             confirms: true,
             mandatory: false,
             blocked_timeout: COMMAND_TIMEOUT,
+            nack_retries: 6,
         }
     }
 }
@@ -90,6 +98,23 @@ struct InFlight {
     meta: Meta,
     /// The result, once the future gave it (it may resolve before older publishes).
     outcome: Option<lapin::Result<Confirmation>>,
+    /// The message itself, kept (with confirms and nack retries on) to republish if nacked.
+    copy: Option<Copy>,
+}
+
+/// What republishing a nacked message needs.
+struct Copy {
+    body: Arc<Vec<u8>>,
+    properties: BasicProperties,
+    /// Times it was nacked so far.
+    nacks: u32,
+}
+
+/// A nacked message waiting for its republish.
+struct Retry {
+    due: Instant,
+    meta: Meta,
+    copy: Copy,
 }
 
 impl InFlight {
@@ -130,6 +155,11 @@ pub struct Producer {
     reported_channel: u64,
     /// Number of the current channel.
     channel_number: u64,
+    /// Nacked messages to republish, soonest first.
+    retrying: VecDeque<Retry>,
+    /// A nack came: the next publish goes on a new channel. After losing a quorum queue's
+    /// leader, a channel can get nothing but nacks for 15 s and more while a new one works.
+    renew_channel: bool,
 }
 
 impl Producer {
@@ -143,6 +173,8 @@ impl Producer {
             channel_error: None,
             reported_channel: 0,
             channel_number: 0,
+            retrying: VecDeque::new(),
+            renew_channel: false,
         };
         producer.channel()?;
         Ok(producer)
@@ -150,6 +182,10 @@ impl Producer {
 
     /// The producer's channel, reopened (in confirm mode when asked) after the broker closed it.
     fn channel(&mut self) -> Result<Channel> {
+        if std::mem::take(&mut self.renew_channel) {
+            // Publishes in flight on the old channel keep it open until they settle.
+            *self.channel = None;
+        }
         if let Some(channel) = self.channel.as_ref() {
             // Recovered by lapin after a lost connection: same channel, confirm mode restored.
             if self.link.channel_usable(channel) {
@@ -185,6 +221,7 @@ impl Producer {
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.wait_for_room()?;
         }
+        self.resend_due()?;
         let header_size = content_header_size(&message.properties);
         let frame_max = self.link.frame_max() as usize;
         if header_size > frame_max {
@@ -198,24 +235,45 @@ impl Producer {
                 self.link.endpoint()
             )));
         }
-        let exchange_name = shortstr(&message.exchange, "exchange name")?;
-        let routing_key = shortstr(&message.routing_key, "routing key")?;
+        let Outgoing {
+            exchange,
+            routing_key,
+            body,
+            properties,
+        } = message;
+        let meta = Meta {
+            channel: 0,
+            exchange,
+            routing_key,
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string()),
+        };
+        self.send(meta, Arc::new(body), properties, 0)
+    }
+
+    /// Publishes on the current channel and puts the publish in flight.
+    fn send(
+        &mut self,
+        mut meta: Meta,
+        body: Arc<Vec<u8>>,
+        properties: BasicProperties,
+        nacks: u32,
+    ) -> Result<()> {
+        let exchange_name = shortstr(&meta.exchange, "exchange name")?;
+        let routing_key = shortstr(&meta.routing_key, "routing key")?;
         let channel = self.channel()?;
-        let message_id = message
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_string());
+        meta.channel = self.channel_number;
         let options = BasicPublishOptions {
             mandatory: self.options.mandatory,
             immediate: false,
         };
-        let Outgoing {
-            exchange,
-            routing_key: key,
-            body,
-            properties,
-        } = message;
+        let copy = (self.options.confirms && self.options.nack_retries > 0).then(|| Copy {
+            body: body.clone(),
+            properties: properties.clone(),
+            nacks,
+        });
         let mut future: PublishFuture = Box::pin(async move {
             let confirm = channel
                 .basic_publish(exchange_name, routing_key, options, &body, properties)
@@ -224,19 +282,31 @@ impl Producer {
         });
         // The first poll queues the frames for the io-loop; the rest happens there.
         let mut cx = Context::from_waker(Waker::noop());
-        let meta = Meta {
-            channel: self.channel_number,
-            exchange,
-            routing_key: key,
-            message_id,
+        let outcome = match future.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => Some(result),
+            Poll::Pending => None,
         };
-        match future.as_mut().poll(&mut cx) {
-            Poll::Ready(result) => self.settle(&meta, result),
-            Poll::Pending => self.in_flight.push_back(InFlight {
-                future,
-                meta,
-                outcome: None,
-            }),
+        let publish = InFlight {
+            future,
+            meta,
+            outcome,
+            copy,
+        };
+        if publish.outcome.is_some() {
+            self.settle(publish);
+        } else {
+            self.in_flight.push_back(publish);
+        }
+        Ok(())
+    }
+
+    /// Republishes the nacked messages whose delay is over.
+    fn resend_due(&mut self) -> Result<()> {
+        let now = Instant::now();
+        while self.retrying.front().is_some_and(|r| r.due <= now) {
+            if let Some(Retry { meta, copy, .. }) = self.retrying.pop_front() {
+                self.send(meta, copy.body, copy.properties, copy.nacks)?;
+            }
         }
         Ok(())
     }
@@ -269,43 +339,85 @@ impl Producer {
             &mut Context::from_waker(Waker::noop()),
             &mut done,
         );
-        for (meta, result) in done {
-            self.settle(&meta, result);
+        for publish in done {
+            self.settle(publish);
         }
     }
 
-    /// Blocks until at most `keep` publishes are in flight, or `limit` runs out.
+    /// Blocks until at most `keep` publishes are in flight (and, for 0, no nacked message is
+    /// waiting for its republish), or `limit` runs out.
     ///
     /// One wait for the whole batch: the PHP thread parks and is woken as confirms arrive,
     /// instead of crossing threads once per message; the runtime's workers are not involved.
     fn wait_until(&mut self, keep: usize, limit: Duration) -> Result<()> {
         let context = format!("wait for publisher confirms on {}", self.link.endpoint());
-        let mut done = Vec::new();
-        let in_flight = &mut self.in_flight;
-        let waited = runtime::park_on(
-            std::future::poll_fn(|cx| settle_front(in_flight, keep, cx, &mut done)),
-            limit,
-            &context,
-        );
-        for (meta, result) in done {
-            self.settle(&meta, result);
-        }
-        waited.map_err(|err| {
-            Error::timeout(format!(
-                "{}: {} publishes still unconfirmed{}",
-                err.message(),
-                self.in_flight.len(),
-                if self.link.blocked() {
-                    " (the broker has blocked this connection: connection.blocked, a memory or \
-                     disk alarm)"
-                } else {
-                    ""
+        let deadline = Instant::now() + limit;
+        loop {
+            self.resend_due()?;
+            let now = Instant::now();
+            let until = match self.retrying.front() {
+                Some(retry) if keep == 0 => retry.due.min(deadline),
+                _ => deadline,
+            };
+            let mut done = Vec::new();
+            let in_flight = &mut self.in_flight;
+            let waited = runtime::park_on(
+                std::future::poll_fn(|cx| settle_front(in_flight, keep, cx, &mut done)),
+                until.saturating_duration_since(now),
+                &context,
+            );
+            for publish in done {
+                self.settle(publish);
+            }
+            let retries_left = keep == 0 && !self.retrying.is_empty();
+            match waited {
+                Ok(()) if !retries_left => return Ok(()),
+                Err(err) if Instant::now() >= deadline => {
+                    return Err(Error::timeout(format!(
+                        "{}: {} publishes still unconfirmed{}",
+                        err.message(),
+                        self.in_flight.len() + self.retrying.len(),
+                        if self.link.blocked() {
+                            " (the broker has blocked this connection: connection.blocked, a \
+                             memory or disk alarm)"
+                        } else {
+                            ""
+                        }
+                    )))
                 }
-            ))
-        })
+                Ok(()) => {
+                    // Everything in flight settled; the next republish is not due yet.
+                    if let Some(retry) = self.retrying.front() {
+                        std::thread::sleep(
+                            retry
+                                .due
+                                .min(deadline)
+                                .saturating_duration_since(Instant::now()),
+                        );
+                    }
+                }
+                Err(_) => {} // a republish is due
+            }
+        }
     }
 
-    fn settle(&mut self, publish: &Meta, result: lapin::Result<Confirmation>) {
+    fn settle(&mut self, publish: InFlight) {
+        let InFlight {
+            meta,
+            outcome,
+            copy,
+            ..
+        } = publish;
+        let Some(result) = outcome else {
+            return;
+        };
+        if let (Ok(Confirmation::Nack(None)), Some(copy)) = (&result, copy) {
+            if copy.nacks < self.options.nack_retries {
+                self.retry_nacked(meta, copy);
+                return;
+            }
+        }
+        let publish = &meta;
         match result {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {}
             Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
@@ -322,7 +434,17 @@ impl Producer {
             }
             Ok(Confirmation::Nack(None)) => self.failures.push((
                 publish.channel,
-                publish.failure(0, "nacked by the broker".to_string()),
+                publish.failure(
+                    0,
+                    match self.options.nack_retries {
+                        0 => "nacked by the broker".to_string(),
+                        n => format!(
+                            "nacked by the broker {} times (republished {n} times, each on a \
+                             new channel)",
+                            n + 1
+                        ),
+                    },
+                ),
             )),
             Err(_) if publish.channel <= self.reported_channel => {
                 // Lost with a channel whose closing the caller was already told of.
@@ -361,6 +483,25 @@ impl Producer {
         }
     }
 
+    /// Schedules a nacked message's republish, after a delay that doubles with each nack, on
+    /// a new channel.
+    fn retry_nacked(&mut self, meta: Meta, mut copy: Copy) {
+        let delay = NACK_RETRY_DELAY
+            .saturating_mul(1 << copy.nacks.min(16))
+            .min(NACK_RETRY_MAX_DELAY);
+        copy.nacks += 1;
+        if meta.channel == self.channel_number {
+            self.renew_channel = true;
+        }
+        self.retrying.push_back(Retry {
+            due: Instant::now() + delay,
+            meta,
+            copy,
+        });
+        // Delays grow with the nack count, so a later nack can be due before an earlier one.
+        self.retrying.make_contiguous().sort_by_key(|r| r.due);
+    }
+
     /// The pending channel error, once: the failures of that channel are folded into it, and
     /// its messages still in flight will be lost without another report.
     fn take_channel_error(&mut self) -> Option<Error> {
@@ -386,7 +527,7 @@ impl Producer {
     /// Publishes not yet confirmed by the broker (or, without confirms, not yet written).
     pub fn pending(&mut self) -> usize {
         self.reap();
-        self.in_flight.len()
+        self.in_flight.len() + self.retrying.len()
     }
 
     /// Waits up to `timeout` for every publish so far; returns the failures since the last
@@ -402,7 +543,7 @@ impl Producer {
     /// Whether failures or unconfirmed publishes are waiting to be reported.
     pub fn has_unreported(&mut self) -> bool {
         self.reap();
-        !self.in_flight.is_empty() || !self.failures.is_empty()
+        !self.in_flight.is_empty() || !self.retrying.is_empty() || !self.failures.is_empty()
     }
 
     /// False in a forked child: this producer belongs to the parent's connection.
@@ -431,7 +572,7 @@ fn settle_front(
     in_flight: &mut VecDeque<InFlight>,
     keep: usize,
     cx: &mut Context<'_>,
-    done: &mut Vec<(Meta, lapin::Result<Confirmation>)>,
+    done: &mut Vec<InFlight>,
 ) -> Poll<()> {
     let mut noop = Context::from_waker(Waker::noop());
     while in_flight.len() > keep {
@@ -448,12 +589,8 @@ fn settle_front(
                     outcome: Some(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)),
                     ..
                 }) => {}
-                Some(InFlight {
-                    meta,
-                    outcome: Some(result),
-                    ..
-                }) => done.push((meta, result)),
-                _ => {}
+                Some(publish) => done.push(publish),
+                None => {}
             }
             continue;
         }
@@ -548,6 +685,7 @@ mod tests {
                     message_id: Some(id.to_string()),
                 },
                 outcome: None,
+                copy: None,
             }
         }
     }
@@ -582,7 +720,7 @@ mod tests {
         gates[2].open();
         assert_eq!(woken(), 1);
         assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_ready());
-        let ids: Vec<_> = done.iter().map(|(m, _)| m.message_id.clone()).collect();
+        let ids: Vec<_> = done.iter().map(|p| p.meta.message_id.clone()).collect();
         assert_eq!(ids, ["0", "1", "2"].map(|s| Some(s.to_string())));
     }
 
@@ -617,7 +755,7 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         assert!(settle_front(&mut in_flight, 0, &mut cx, &mut done).is_ready());
         assert!(in_flight.is_empty());
-        let ids: Vec<_> = done.iter().map(|(m, _)| m.message_id.clone()).collect();
+        let ids: Vec<_> = done.iter().map(|p| p.meta.message_id.clone()).collect();
         assert_eq!(ids, [Some("nacked".to_string())]);
     }
 

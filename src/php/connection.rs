@@ -250,13 +250,14 @@ impl Connection {
 
     /// A producer on its own channel: `confirms` (default true), `mandatory` (default false),
     /// `blocked_timeout` (seconds `publish()` waits while the broker blocks the connection,
-    /// default 30).
+    /// default 30), `nack_retries` (republishes of a nacked message before it is reported,
+    /// default 6).
     #[php(defaults(options = PhpArray::EMPTY))]
     pub fn producer(&mut self, options: PhpArray<'_>) -> PhpResult<Producer> {
         guard("AmqpRs\\Connection::producer()", || {
             let opts = Options::new(
                 options.table(),
-                &["confirms", "mandatory", "blocked_timeout"],
+                &["confirms", "mandatory", "blocked_timeout", "nack_retries"],
                 "producer options",
             )?;
             let defaults = ProducerOptions::default();
@@ -264,6 +265,11 @@ impl Connection {
                 confirms: opts.bool("confirms", defaults.confirms)?,
                 mandatory: opts.bool("mandatory", defaults.mandatory)?,
                 blocked_timeout: opts.duration("blocked_timeout", defaults.blocked_timeout)?,
+                nack_retries: opts.int_in(
+                    "nack_retries",
+                    i64::from(defaults.nack_retries),
+                    0..=20,
+                )? as u32,
             };
             Ok(Producer::new(self.inner.producer(options)?))
         })
