@@ -25,11 +25,12 @@ pub fn redact(raw: &str) -> String {
         return raw.to_string();
     };
     let rest = &raw[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
+    // Up to the last '@' anywhere, not only within the authority: a password with an
+    // unencoded '/', '?' or '#' (base64 has '/') is what made the URI unparseable. Masking
+    // too much is harmless; masking too little is a leak.
+    match rest.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
             let masked = if userinfo.contains(':') {
                 format!("{user}:***")
@@ -182,5 +183,9 @@ mod tests {
         assert_eq!(redact("amqp://u@h"), "amqp://u@h");
         assert_eq!(redact("amqp://h"), "amqp://h");
         assert_eq!(redact("garbage"), "garbage");
+        assert_eq!(redact("amqps://u:pa/ss@h:1/"), "amqps://u:***@h:1/");
+        assert_eq!(redact("amqp://u:a?b#c@h"), "amqp://u:***@h");
+        let err = parse("amqps://u:pa/ss@localhost:5671/").expect_err("unencoded '/'");
+        assert!(!err.message().contains("pa/ss"), "{}", err.message());
     }
 }
