@@ -9,7 +9,7 @@ SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs')
 EXTENSION_DIR ?= $(shell php-config --extension-dir 2>/dev/null)
 CONF_DIRS     ?= $(wildcard /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d)
 
-.PHONY: all build deps broker install test test-rust test-php lint demo bench clean
+.PHONY: all build deps broker install test test-rust test-php lint demo bench soak clean
 
 all: build
 
@@ -58,3 +58,10 @@ clean:
 bench: deps broker
 	$(MAKE) build
 	$(PHP) benches/run.php $(BENCH_ARGS)
+
+# Soak (not part of `make test`, several minutes): 1M messages producer → queue → worker, two
+# processes, with a forced disconnect every 100k; zero loss, duplicates counted. Writes
+# benches/results/soak-latest.json. E.g. make soak SOAK_ARGS='--messages=50000 --every=10000'
+soak: deps broker
+	$(MAKE) build
+	$(PHP) benches/soak.php $(SOAK_ARGS)
