@@ -342,4 +342,45 @@ final class RecoveryTest extends TestCase
         $this->assertFalse($conn->isConnected());
         $this->assertSame(1, Broker::countWithAmqplib($this->queue));
     }
+
+    public function testExclusiveQueuesComeBackWithTheirBindingsAndConsumers(): void
+    {
+        // A subscriber as events systems have them: a generated exclusive queue bound to a
+        // fanout exchange. The broker deletes both queues with the lost connection.
+        $exchange = Broker::unique('recovery-fanout');
+        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $conn->declareExchange($exchange, 'fanout', ['durable' => false, 'auto_delete' => true]);
+        $generated = $conn->declareQueue('', ['exclusive' => true]);
+        $named = $conn->declareQueue($this->queue, ['exclusive' => true, 'durable' => false]);
+        foreach ([$generated, $named] as $queue) {
+            $conn->bindQueue($queue, $exchange);
+        }
+        $consumer = $conn->consumer([$generated, $named], ['prefetch' => 10]);
+        $this->closeConnectionSoon();
+        $this->assertNotNull($this->awaitReplaced());
+
+        // Published by another client after the recovery: it reaches both queues again.
+        for ($i = 0; $i < 50 && !$this->bound($exchange, $generated, $named); $i++) {
+            usleep(100_000);
+        }
+        Broker::publishWithAmqplib($exchange, '', 3);
+        $seen = [];
+        $consumer->consume(function (Message $m) use (&$seen) {
+            $seen[] = $m->getRoutingKey() . '|' . $m->getBody();
+        }, ['idle_timeout' => 1, 'max_time' => 10]);
+        $this->assertCount(6, $seen, 'each queue got the 3 messages: ' . implode(', ', $seen));
+        $conn->close();
+    }
+
+    /** Whether the broker shows both queues bound to the exchange again. */
+    private function bound(string $exchange, string ...$queues): bool
+    {
+        $bindings = Broker::ctl('list_bindings', 'source_name', 'destination_name', '-q', '--no-table-headers');
+        foreach ($queues as $queue) {
+            if (!str_contains($bindings, "$exchange\t$queue")) {
+                return false;
+            }
+        }
+        return true;
+    }
 }

@@ -73,7 +73,7 @@ final class TlsTest extends TestCase
         $port = $this->proxy();
         $conn = new Connection("amqps://guest:guest@localhost:$port/%2f", $this->tls());
         $this->assertTrue($conn->isConnected());
-        $this->assertStringStartsWith('amq.gen-', $conn->declareQueue('', ['exclusive' => true]));
+        $this->assertStringStartsWith('amq_rs.gen-', $conn->declareQueue('', ['exclusive' => true]));
         $conn->close();
     }
 

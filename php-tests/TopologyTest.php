@@ -46,10 +46,16 @@ final class TopologyTest extends TestCase
         return $name;
     }
 
-    public function testServerNamedQueueGetsAGeneratedName(): void
+    public function testAQueueDeclaredWithoutANameGetsAGeneratedOne(): void
     {
+        // With recovery on (the default) the client makes the name, so that recovery can
+        // declare the queue again; without, the broker does.
         $name = $this->conn->declareQueue('', ['exclusive' => true, 'durable' => false]);
-        $this->assertStringStartsWith('amq.gen-', $name);
+        $this->assertMatchesRegularExpression('/^amq_rs\.gen-[A-Za-z0-9_-]{22}$/', $name);
+        $this->assertNotSame($name, $this->conn->declareQueue('', ['exclusive' => true, 'durable' => false]));
+        $plain = new Connection(Broker::URI, ['reconnect' => false]);
+        $this->assertStringStartsWith('amq.gen-', $plain->declareQueue('', ['exclusive' => true]));
+        $plain->close();
     }
 
     public function testBoundQueueReceivesWhatTheExchangeRoutes(): void

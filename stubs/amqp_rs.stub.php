@@ -77,7 +77,8 @@ final class Connection
     public function declareExchange(string $name, string $type = 'direct', array $options = []): void {}
 
     /**
-     * @param string $name '' lets the broker choose a name
+     * @param string $name '' for a generated name: amq_rs.gen-... (made by the client, so
+     *     that recovery can declare the queue again), or amq.gen-... with reconnect off
      * @param array{durable?: bool, exclusive?: bool, auto_delete?: bool, passive?: bool, arguments?: array} $options
      * @return string the queue's name
      * @throws ChannelException e.g. 406 when it exists with other arguments, 404 with passive

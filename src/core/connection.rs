@@ -7,9 +7,12 @@ use crate::core::producer::{Producer, ProducerOptions};
 use crate::core::runtime;
 use crate::core::transport::{CheckedKit, CheckedStream, PoisonLog};
 use crate::core::uri::{self, Endpoint};
+use lapin::options::QueueDeclareOptions;
 use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, OwnedIdentity, OwnedTLSConfig};
+use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, ConnectionProperties};
+use std::collections::HashMap;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -93,6 +96,9 @@ pub(crate) struct Link {
     reconnect: bool,
     /// lapin's connection attempts, to stop recovery once the user closed.
     attempts: Arc<Attempts>,
+    /// Queues declared through this connection that a lost connection (or a broker restart)
+    /// takes away: exclusive, auto-delete or not durable. See `Link::transient_queue`.
+    transient: Mutex<HashMap<String, (QueueDeclareOptions, FieldTable)>>,
 }
 
 impl Link {
@@ -208,6 +214,37 @@ impl Link {
             let context = format!("close the {what} channel on {}", self.endpoint());
             let _ = runtime::block_on(channel.close(200, "bye".into()), COMMAND_TIMEOUT, &context);
         }
+    }
+
+    /// Records a queue declared through this connection, if losing the connection (or a
+    /// broker restart) can take it away.
+    pub(crate) fn remember_queue(
+        &self,
+        name: &str,
+        options: QueueDeclareOptions,
+        args: FieldTable,
+    ) {
+        if options.passive || (options.durable && !options.exclusive && !options.auto_delete) {
+            return;
+        }
+        let mut transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+        transient.insert(name.to_string(), (options, args));
+    }
+
+    /// Forgets a queue deleted through this connection.
+    pub(crate) fn forget_queue(&self, name: &str) {
+        let mut transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+        transient.remove(name);
+    }
+
+    /// How a queue that a lost connection takes away was declared, if it was, through this
+    /// connection. A consumer declares it again on its own channel before consuming: lapin
+    /// recovers channels one by one in no set order, so the consumer's channel may come back
+    /// before the channel the queue was declared on, and its consume would fail (404) and stop
+    /// the recovery of every other channel.
+    pub(crate) fn transient_queue(&self, name: &str) -> Option<(QueueDeclareOptions, FieldTable)> {
+        let transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+        transient.get(name).cloned()
     }
 
     /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).
@@ -569,6 +606,7 @@ impl Connection {
                         poison,
                         reconnect: options.reconnect,
                         attempts,
+                        transient: Mutex::new(HashMap::new()),
                     };
                     return Ok(Connection {
                         link: Arc::new(link),
@@ -592,6 +630,16 @@ impl Connection {
     /// `amqp://user@host:port/vhost` of the broker we are connected to.
     pub fn endpoint(&self) -> &str {
         self.link.endpoint()
+    }
+
+    /// The shared connection, for the topology commands that keep track of what they made.
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Whether a lost connection is recovered (the `reconnect` option).
+    pub(crate) fn reconnects(&self) -> bool {
+        self.link.reconnect
     }
 
     /// True while the connection is open and usable from this process.

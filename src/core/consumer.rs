@@ -343,6 +343,17 @@ impl Consumer {
             );
         }
         for (i, name) in names.into_iter().enumerate() {
+            if let Some((declare, args)) = consumer.link.transient_queue(name.as_str()) {
+                // Declared on this channel too, so that its recovery re-creates the queue
+                // before it consumes from it (see Link::transient_queue).
+                let context = format!("declare queue '{}' on {endpoint}", name.as_str());
+                runtime::block_on(
+                    channel.queue_declare(name.clone(), declare, args),
+                    COMMAND_TIMEOUT,
+                    &context,
+                )?
+                .map_err(|e| Error::from_lapin(&e, &context))?;
+            }
             let tag = match (&options.consumer_tag, queues.len()) {
                 (None, _) => String::new(),
                 (Some(tag), 1) => tag.clone(),

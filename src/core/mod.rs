@@ -4,6 +4,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod frame_size;
+pub mod ids;
 pub mod producer;
 pub mod runtime;
 pub mod shortstr;

@@ -2,6 +2,7 @@
 
 use crate::core::connection::Connection;
 use crate::core::error::Result;
+use crate::core::ids;
 use crate::core::shortstr::shortstr;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -9,6 +10,9 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::ExchangeKind;
+
+/// Prefix of the names the client gives queues declared without one, when recovery is on.
+pub const GENERATED_QUEUE_PREFIX: &str = "amq_rs.gen-";
 
 /// Options of `exchange.declare`.
 #[derive(Clone, Debug)]
@@ -123,6 +127,15 @@ impl Connection {
         } else {
             format!("declare queue '{name}'")
         };
+        // A name the server makes (amq.gen-...) cannot be declared again after a recovery:
+        // the amq. prefix is reserved. With recovery on, the client names the queue itself.
+        let generated;
+        let name = if name.is_empty() && !spec.passive && self.reconnects() {
+            generated = format!("{GENERATED_QUEUE_PREFIX}{}", ids::random_name()?);
+            generated.as_str()
+        } else {
+            name
+        };
         let options = QueueDeclareOptions {
             passive: spec.passive,
             durable: spec.durable,
@@ -131,9 +144,13 @@ impl Connection {
             nowait: false,
         };
         let name = shortstr(name, "queue name")?;
+        let arguments = spec.arguments;
+        let args = arguments.clone();
         let queue = self.command(&what, |ch| async move {
-            ch.queue_declare(name, options, spec.arguments).await
+            ch.queue_declare(name, options, args).await
         })?;
+        self.link()
+            .remember_queue(queue.name().as_str(), options, arguments);
         Ok(QueueState {
             name: queue.name().to_string(),
             messages: queue.message_count(),
@@ -189,11 +206,13 @@ impl Connection {
             if_empty,
             nowait: false,
         };
-        let name = shortstr(name, "queue name")?;
-        self.command(
+        let queue = shortstr(name, "queue name")?;
+        let deleted = self.command(
             &what,
-            |ch| async move { ch.queue_delete(name, options).await },
-        )
+            |ch| async move { ch.queue_delete(queue, options).await },
+        )?;
+        self.link().forget_queue(name);
+        Ok(deleted)
     }
 
     /// Deletes an exchange.
@@ -267,14 +286,31 @@ mod tests {
     }
 
     #[test]
-    fn server_named_queue_gets_a_name() {
+    fn a_queue_without_a_name_is_named_by_the_client_when_recovery_is_on() {
         let mut conn = connect();
         let spec = QueueSpec {
             durable: false,
             exclusive: true,
             ..QueueSpec::default()
         };
-        let state = conn.declare_queue("", spec).expect("queue");
+        let state = conn.declare_queue("", spec.clone()).expect("queue");
+        assert!(
+            state.name.starts_with(GENERATED_QUEUE_PREFIX),
+            "{}",
+            state.name
+        );
+        assert!(conn.link().transient_queue(&state.name).is_some());
+        conn.delete_queue(&state.name, false, false)
+            .expect("delete");
+        assert!(conn.link().transient_queue(&state.name).is_none());
+
+        let options = crate::core::connection::ConnectOptions {
+            reconnect: false,
+            ..Default::default()
+        };
+        let uris = [crate::core::connection::tests::BROKER.to_string()];
+        let mut plain = Connection::open(&uris, &options).expect("broker up");
+        let state = plain.declare_queue("", spec).expect("queue");
         assert!(state.name.starts_with("amq.gen-"), "{}", state.name);
     }
 
