@@ -106,12 +106,14 @@ final class Connection
      * it lives.
      *
      * @param array{confirms?: bool, mandatory?: bool, blocked_timeout?: float,
-     *     nack_retries?: int} $options confirms (default true): publisher confirms, pipelined;
+     *     nack_retries?: int, stamp_message_id?: bool} $options confirms (default true): publisher confirms, pipelined;
      *     mandatory (default false): unroutable messages come back as failures;
      *     blocked_timeout (seconds, default 30): how long publish() waits while the broker
      *     blocks the connection (a memory or disk alarm) before it throws TimeoutException;
      *     nack_retries (0 to 20, default 6): how many times a nacked message is republished,
-     *     on a new channel after a delay doubling from 0.25 s, before it is reported
+     *     on a new channel after a delay doubling from 0.25 s, before it is reported;
+     *     stamp_message_id (default false): give each message without a message_id a random
+     *     UUID one, so that consumers can recognise duplicates
      */
     public function producer(array $options = []): Producer {}
 
@@ -126,6 +128,16 @@ final class Connection
 
     /** One message by basic.get, or null when the queue is empty. */
     public function get(string $queue, bool $autoAck = false): ?Message {}
+
+    /**
+     * Request/reply over direct reply-to (amq.rabbitmq.reply-to): publishes the request with
+     * reply_to and a correlation_id set (yours, if $properties has one) and waits for the
+     * reply carrying it. Late replies to calls that timed out are dropped.
+     *
+     * @throws TimeoutException when no reply comes within $timeout seconds
+     * @throws PublishException when no queue takes the request (returned, 312 NO_ROUTE)
+     */
+    public function rpc(string $body, string $routingKey = '', string $exchange = '', array $properties = [], float $timeout = 30.0): Message {}
 
     /**
      * @return array{messages: int, consumers: int}
@@ -157,6 +169,14 @@ final class Producer
      * @throws \InvalidArgumentException for an unknown property or a header AMQP cannot carry
      */
     public function publish(string $body, string $routingKey = '', string $exchange = '', array $properties = []): void {}
+
+    /**
+     * Publishes a PHP value as a JSON body (json_encode with unescaped slashes and unicode,
+     * floats keep their .0); content_type is application/json unless $properties sets it.
+     *
+     * @throws \InvalidArgumentException when the value cannot be encoded (invalid UTF-8, NAN...)
+     */
+    public function publishJson(mixed $value, string $routingKey = '', string $exchange = '', array $properties = []): void {}
 
     /**
      * Waits until every publish so far is confirmed.
@@ -213,6 +233,21 @@ final class Message
     private function __construct() {}
 
     public function getBody(): string {}
+
+    /**
+     * The body decoded as JSON, objects as arrays.
+     *
+     * @throws Exception when the body is not valid JSON
+     */
+    public function json(): mixed {}
+
+    /**
+     * Publishes $body to this message's reply_to with its correlation_id copied, and waits
+     * for the broker to take it.
+     *
+     * @throws Exception when the message has no reply_to
+     */
+    public function reply(string $body, array $properties = []): void {}
 
     public function getRoutingKey(): string {}
 

@@ -4,6 +4,7 @@
 use crate::core::consumer::{Consumer, ConsumerOptions};
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::producer::{Producer, ProducerOptions};
+use crate::core::rpc::RpcClient;
 use crate::core::runtime;
 use crate::core::transport::{CheckedKit, CheckedStream, PoisonLog};
 use crate::core::uri::{self, Endpoint};
@@ -99,6 +100,9 @@ pub(crate) struct Link {
     /// Queues declared through this connection that a lost connection (or a broker restart)
     /// takes away: exclusive, auto-delete or not durable. See `Link::transient_queue`.
     transient: Mutex<HashMap<String, (QueueDeclareOptions, FieldTable)>>,
+    /// The channel `Message::reply()` publishes on, opened on first use. Leaked in a forked
+    /// child, like `inner`.
+    reply_channel: ManuallyDrop<Mutex<Option<Channel>>>,
 }
 
 impl Link {
@@ -247,6 +251,27 @@ impl Link {
         transient.get(name).cloned()
     }
 
+    /// The channel replies are published on (confirm mode), opened or reopened as needed.
+    pub(crate) fn reply_channel(&self) -> Result<Channel> {
+        self.ensure_usable("reply")?;
+        let mut slot = self.reply_channel.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = slot.as_ref() {
+            if self.channel_usable(channel) {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = self.open_channel("publish replies")?;
+        let context = format!("enable publisher confirms on {}", self.endpoint());
+        runtime::block_on(
+            channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+            COMMAND_TIMEOUT,
+            &context,
+        )?
+        .map_err(|e| Error::from_lapin(&e, &context))?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
     /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).
     pub(crate) fn blocked(&self) -> bool {
         self.inner.status().blocked()
@@ -283,7 +308,10 @@ impl Drop for Link {
         }
         let _ = self.close();
         // SAFETY: dropped exactly once, here, and never used again.
-        unsafe { ManuallyDrop::drop(&mut self.inner) };
+        unsafe {
+            ManuallyDrop::drop(&mut self.reply_channel);
+            ManuallyDrop::drop(&mut self.inner);
+        }
     }
 }
 
@@ -292,6 +320,8 @@ pub struct Connection {
     link: Arc<Link>,
     // Leaked rather than dropped in a forked child, like the link.
     channel: ManuallyDrop<Option<Channel>>,
+    /// The RPC channel, opened by the first `rpc()`; leaked in a forked child too.
+    rpc: ManuallyDrop<Option<RpcClient>>,
 }
 
 fn read_file(path: &str, what: &str) -> Result<Vec<u8>> {
@@ -607,10 +637,12 @@ impl Connection {
                         reconnect: options.reconnect,
                         attempts,
                         transient: Mutex::new(HashMap::new()),
+                        reply_channel: ManuallyDrop::new(Mutex::new(None)),
                     };
                     return Ok(Connection {
                         link: Arc::new(link),
                         channel: ManuallyDrop::new(None),
+                        rpc: ManuallyDrop::new(None),
                     });
                 }
                 Err(e) => failures.push(e),
@@ -635,6 +667,21 @@ impl Connection {
     /// The shared connection, for the topology commands that keep track of what they made.
     pub(crate) fn link(&self) -> &Link {
         &self.link
+    }
+
+    /// The shared connection itself, for objects that outlive this one (messages).
+    pub(crate) fn link_arc(&self) -> Arc<Link> {
+        self.link.clone()
+    }
+
+    /// The RPC channel, if one is open.
+    pub(crate) fn rpc_client(&mut self) -> Option<&mut RpcClient> {
+        self.rpc.as_mut()
+    }
+
+    /// Keeps `client` as the RPC channel (replacing a dead one) and returns it.
+    pub(crate) fn set_rpc_client(&mut self, client: RpcClient) -> &mut RpcClient {
+        self.rpc.insert(client)
     }
 
     /// Whether a lost connection is recovered (the `reconnect` option).
@@ -759,7 +806,10 @@ impl Drop for Connection {
     fn drop(&mut self) {
         if self.link.is_own() {
             // SAFETY: dropped exactly once, here, and never used again.
-            unsafe { ManuallyDrop::drop(&mut self.channel) };
+            unsafe {
+                ManuallyDrop::drop(&mut self.channel);
+                ManuallyDrop::drop(&mut self.rpc);
+            }
         }
     }
 }

@@ -536,6 +536,11 @@ impl Consumer {
     pub fn is_own(&self) -> bool {
         self.link.is_own()
     }
+
+    /// The connection, for replies to the messages it delivers.
+    pub(crate) fn link(&self) -> Arc<Link> {
+        self.link.clone()
+    }
 }
 
 impl crate::core::connection::Connection {

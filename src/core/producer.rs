@@ -10,6 +10,7 @@
 use crate::core::connection::{Link, COMMAND_TIMEOUT};
 use crate::core::error::{self, Error, Result};
 use crate::core::frame_size::content_header_size;
+use crate::core::ids;
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -42,6 +43,9 @@ pub struct ProducerOptions {
     /// How many times a nacked message is republished, on a new channel and after a growing
     /// delay, before it is reported as failed (default 6, about 13 s in all; 0: report at once).
     pub nack_retries: u32,
+    /// Give each message without a `message_id` a random UUID one (default false), so that
+    /// consumers can recognise a message published twice.
+    pub stamp_message_id: bool,
 }
 
 impl Default for ProducerOptions {
@@ -51,6 +55,7 @@ impl Default for ProducerOptions {
             mandatory: false,
             blocked_timeout: COMMAND_TIMEOUT,
             nack_retries: 6,
+            stamp_message_id: false,
         }
     }
 }
@@ -239,8 +244,11 @@ impl Producer {
             exchange,
             routing_key,
             body,
-            properties,
+            mut properties,
         } = message;
+        if self.options.stamp_message_id && properties.message_id().is_none() {
+            properties = properties.with_message_id(ids::uuid_v4()?.into());
+        }
         let meta = Meta {
             channel: 0,
             exchange,

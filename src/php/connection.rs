@@ -6,13 +6,16 @@
 
 use crate::core::connection::{ConnectOptions, Connection as CoreConnection, TlsOptions};
 use crate::core::consumer::ConsumerOptions;
-use crate::core::producer::ProducerOptions;
+use crate::core::producer::{Outgoing, ProducerOptions};
 use crate::core::topology::{ExchangeSpec, QueueSpec};
 use crate::php::consumer::Consumer;
-use crate::php::convert::{string_list, to_field_table, Options, PhpArray, StringOrList};
+use crate::php::convert::{
+    string_list, to_field_table, to_properties, Options, PhpArray, StringOrList,
+};
 use crate::php::exceptions::{guard, invalid_argument, warn};
 use crate::php::message::Message;
 use crate::php::producer::Producer;
+use ext_php_rs::binary_slice::BinarySlice;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::convert::{FromZval, StubLiteral};
 use ext_php_rs::exception::PhpResult;
@@ -251,13 +254,19 @@ impl Connection {
     /// A producer on its own channel: `confirms` (default true), `mandatory` (default false),
     /// `blocked_timeout` (seconds `publish()` waits while the broker blocks the connection,
     /// default 30), `nack_retries` (republishes of a nacked message before it is reported,
-    /// default 6).
+    /// default 6), `stamp_message_id` (a UUID `message_id` on messages without one).
     #[php(defaults(options = PhpArray::EMPTY))]
     pub fn producer(&mut self, options: PhpArray<'_>) -> PhpResult<Producer> {
         guard("AmqpRs\\Connection::producer()", || {
             let opts = Options::new(
                 options.table(),
-                &["confirms", "mandatory", "blocked_timeout", "nack_retries"],
+                &[
+                    "confirms",
+                    "mandatory",
+                    "blocked_timeout",
+                    "nack_retries",
+                    "stamp_message_id",
+                ],
                 "producer options",
             )?;
             let defaults = ProducerOptions::default();
@@ -270,6 +279,7 @@ impl Connection {
                     i64::from(defaults.nack_retries),
                     0..=20,
                 )? as u32,
+                stamp_message_id: opts.bool("stamp_message_id", defaults.stamp_message_id)?,
             };
             Ok(Producer::new(self.inner.producer(options)?))
         })
@@ -329,7 +339,37 @@ impl Connection {
             for warning in warnings {
                 warn(&warning)?;
             }
-            Ok(delivery.map(|d| Message::new(d, None, None, autoAck)))
+            let link = self.inner.link_arc();
+            Ok(delivery.map(|d| Message::new(d, None, None, autoAck, Some(link))))
+        })
+    }
+
+    /// Publishes a request and waits up to `timeout` seconds for its reply (direct reply-to):
+    /// `reply_to` and `correlation_id` are set for you. `TimeoutException` when no reply comes.
+    #[php(defaults(routingKey = "\"\"", exchange = "\"\"", properties = PhpArray::EMPTY, timeout = 30.0))]
+    pub fn rpc(
+        &mut self,
+        body: BinarySlice<'_, u8>,
+        routingKey: &str,
+        exchange: &str,
+        properties: PhpArray<'_>,
+        timeout: f64,
+    ) -> PhpResult<Message> {
+        guard("AmqpRs\\Connection::rpc()", || {
+            if !(timeout.is_finite() && timeout > 0.0) {
+                return Err(invalid_argument(format!(
+                    "rpc(): timeout must be a number of seconds > 0, got {timeout}"
+                )));
+            }
+            let request = Outgoing {
+                exchange: exchange.to_string(),
+                routing_key: routingKey.to_string(),
+                body: body.to_vec(),
+                properties: to_properties(properties.table())?,
+            };
+            let reply = self.inner.rpc(request, Duration::from_secs_f64(timeout))?;
+            let link = self.inner.link_arc();
+            Ok(Message::new(reply, None, None, true, Some(link)))
         })
     }
 

@@ -148,6 +148,7 @@ impl Consumer {
                 Some(incoming.consumer_tag),
                 incoming.batch,
                 self.auto_ack,
+                Some(self.inner.borrow().link()),
             );
             let mut object = ZendClassObject::new(message);
             let result = {

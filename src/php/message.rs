@@ -1,9 +1,12 @@
 //! `AmqpRs\Message`: a delivered message, its properties and its settlement.
 
+use crate::core::connection::Link;
 use crate::core::consumer::{settle, AckBatch, Settlement};
-use crate::php::convert::{from_amqp_value, from_field_table};
+use crate::core::rpc;
+use crate::php::convert::{from_amqp_value, from_field_table, to_properties, PhpArray};
 use crate::php::exceptions::{guard, ExceptionClass};
 use ext_php_rs::binary::Binary;
+use ext_php_rs::binary_slice::BinarySlice;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::exception::{PhpException, PhpResult};
 use ext_php_rs::prelude::*;
@@ -29,6 +32,8 @@ pub struct Message {
     /// The consumer's held acks; None for `Connection::get()`.
     batch: Option<Arc<AckBatch>>,
     settled: bool,
+    /// The connection it came on, for `reply()`.
+    link: Option<Arc<Link>>,
 }
 
 fn short(value: &Option<ShortString>) -> Option<String> {
@@ -42,6 +47,7 @@ impl Message {
         consumer_tag: Option<String>,
         batch: Option<Arc<AckBatch>>,
         auto_ack: bool,
+        link: Option<Arc<Link>>,
     ) -> Self {
         Self {
             body: delivery.data,
@@ -54,6 +60,7 @@ impl Message {
             acker: (!auto_ack).then_some(delivery.acker),
             batch,
             settled: auto_ack,
+            link,
         }
     }
 
@@ -92,6 +99,50 @@ impl Message {
     /// The body, any bytes.
     pub fn get_body(&self) -> Binary<u8> {
         Binary::from(self.body.clone())
+    }
+
+    /// The body decoded as JSON (objects as arrays); `AmqpRs\Exception` when it is not JSON.
+    pub fn json(&self) -> PhpResult<Zval> {
+        let what = format!(
+            "AmqpRs\\Message::json() of message {} (routing key '{}')",
+            self.delivery_tag, self.routing_key
+        );
+        crate::php::json::decode(&self.body, &what)
+    }
+
+    /// Publishes `body` to this message's `reply_to` with its `correlation_id` copied, and
+    /// waits for the broker to take it.
+    #[php(defaults(properties = PhpArray::EMPTY))]
+    pub fn reply(&self, body: BinarySlice<'_, u8>, properties: PhpArray<'_>) -> PhpResult<()> {
+        guard("AmqpRs\\Message::reply()", || {
+            let Some(reply_to) = self.properties.reply_to().as_ref() else {
+                return Err(PhpException::new(
+                    format!(
+                        "AmqpRs\\Message::reply(): message {} (routing key '{}') has no reply_to",
+                        self.delivery_tag, self.routing_key
+                    ),
+                    0,
+                    ExceptionClass::Base.ce(),
+                ));
+            };
+            let Some(link) = self.link.as_ref() else {
+                return Err(PhpException::new(
+                    "AmqpRs\\Message::reply(): the message has no connection to reply on"
+                        .to_string(),
+                    0,
+                    ExceptionClass::Base.ce(),
+                ));
+            };
+            let properties = to_properties(properties.table())?;
+            rpc::reply(
+                link,
+                reply_to.as_str(),
+                self.properties.correlation_id().clone(),
+                &body,
+                properties,
+            )?;
+            Ok(())
+        })
     }
 
     /// The routing key it was published with.

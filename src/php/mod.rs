@@ -6,5 +6,6 @@ pub mod connection;
 pub mod consumer;
 pub mod convert;
 pub mod exceptions;
+pub mod json;
 pub mod message;
 pub mod producer;

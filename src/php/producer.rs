@@ -7,9 +7,11 @@ use crate::core::error::Error;
 use crate::core::producer::{Outgoing, Producer as CoreProducer};
 use crate::php::convert::{to_properties, PhpArray};
 use crate::php::exceptions::{guard, invalid_argument, warn};
+use crate::php::json;
 use ext_php_rs::binary_slice::BinarySlice;
 use ext_php_rs::exception::PhpResult;
 use ext_php_rs::prelude::*;
+use ext_php_rs::types::Zval;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -53,6 +55,31 @@ impl Producer {
                 exchange: exchange.to_string(),
                 routing_key: routingKey.to_string(),
                 body: body.to_vec(),
+                properties,
+            };
+            Ok(self.core().publish(message)?)
+        })
+    }
+
+    /// Publishes a PHP value as a JSON body, `content_type` application/json unless given.
+    #[php(defaults(routingKey = "\"\"", exchange = "\"\"", properties = PhpArray::EMPTY))]
+    pub fn publish_json(
+        &self,
+        value: &Zval,
+        routingKey: &str,
+        exchange: &str,
+        properties: PhpArray<'_>,
+    ) -> PhpResult<()> {
+        guard("AmqpRs\\Producer::publishJson()", || {
+            let body = json::encode(value, "AmqpRs\\Producer::publishJson()")?;
+            let mut properties = to_properties(properties.table())?;
+            if properties.content_type().is_none() {
+                properties = properties.with_content_type(json::CONTENT_TYPE.into());
+            }
+            let message = Outgoing {
+                exchange: exchange.to_string(),
+                routing_key: routingKey.to_string(),
+                body,
                 properties,
             };
             Ok(self.core().publish(message)?)
