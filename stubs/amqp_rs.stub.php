@@ -162,8 +162,10 @@ final class Producer
      * @param array{content_type?: string, content_encoding?: string, headers?: array,
      *     delivery_mode?: int, priority?: int, correlation_id?: string, reply_to?: string,
      *     expiration?: string|int, message_id?: string, timestamp?: int, type?: string,
-     *     user_id?: string, app_id?: string} $properties delivery_mode defaults to 2 (persistent);
-     *     headers may nest lists and tables of strings, ints, floats, bools and null
+     *     user_id?: string, app_id?: string, delay?: int} $properties delivery_mode defaults
+     *     to 2 (persistent); headers may nest lists and tables of strings, ints, floats, bools
+     *     and null; delay (not sent): milliseconds the message waits, in a delay queue the
+     *     producer declares (amq_rs.delay.*, TTL + dead-letter), before it is routed
      * @throws ChannelException when the broker closed the channel after an earlier publish
      *     (raised once; the next publish opens a new channel)
      * @throws \InvalidArgumentException for an unknown property or a header AMQP cannot carry
@@ -205,7 +207,11 @@ final class Consumer
      *
      * Settlement (without auto_ack): a callback that returns without settling its message has
      * it acked; one that throws has it settled per on_error ('requeue', the default, or
-     * 'reject' to dead-letter it), and its exception leaves consume() unchanged.
+     * 'reject' to dead-letter it), and its exception leaves consume() unchanged. With
+     * 'retry', the message goes back to its queue after retry_delay seconds (default 1,
+     * doubling each time; Message::getAttempt() counts), up to max_retries times (default 3),
+     * then to the dead_letter queue (default "<queue>.dead", with headers x-failure-reason,
+     * x-failed-queue, x-attempt); the exception is consumed and consume() goes on.
      *
      * @param callable(Message): mixed $callback
      * Stop signals (default SIGTERM and SIGINT): while consume() runs they make it return
@@ -213,7 +219,8 @@ final class Consumer
      * handler you installed for them still runs.
      *
      * @param array{max_messages?: int, max_time?: float, idle_timeout?: float,
-     *     memory_limit?: int, stop_signals?: list<int>, on_error?: 'requeue'|'reject'} $options
+     *     memory_limit?: int, stop_signals?: list<int>, on_error?: 'requeue'|'reject'|'retry',
+     *     max_retries?: int, retry_delay?: float, dead_letter?: string} $options
      *     max_time and idle_timeout in seconds, memory_limit in MiB of PHP memory
      * @throws ChannelException when the broker cancels the consumer (e.g. its queue was deleted)
      */
@@ -256,6 +263,9 @@ final class Message
     public function getDeliveryTag(): int {}
 
     public function isRedelivered(): bool {}
+
+    /** Which attempt at handling it this is: 1, then 2 on its first retry (on_error 'retry'). */
+    public function getAttempt(): int {}
 
     /** Null for a message from Connection::get(). */
     public function getConsumerTag(): ?string {}

@@ -264,6 +264,8 @@ pub struct Incoming {
     pub delivery: Delivery,
     /// Tag of the consumer it came through.
     pub consumer_tag: String,
+    /// The queue it came from.
+    pub queue: String,
     /// Where its ack is held back (None with auto_ack).
     pub batch: Option<Arc<AckBatch>>,
     /// Set when its short strings were not UTF-8: the warning to give. It is settled already
@@ -429,6 +431,7 @@ impl Consumer {
                 Ok(Some(Incoming {
                     delivery,
                     consumer_tag,
+                    queue: self.queues.get(index).cloned().unwrap_or_default(),
                     batch: self.batch.clone(),
                     poisoned,
                 }))

@@ -6,6 +6,7 @@ pub mod error;
 pub mod frame_size;
 pub mod ids;
 pub mod producer;
+pub mod retry;
 pub mod rpc;
 pub mod runtime;
 pub mod shortstr;

@@ -13,10 +13,11 @@ use crate::core::frame_size::content_header_size;
 use crate::core::ids;
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::pin::Pin;
@@ -26,6 +27,31 @@ use std::time::{Duration, Instant};
 
 /// Most publishes awaiting their confirm (or, without confirms, their write) at once.
 const MAX_IN_FLIGHT: usize = 2000;
+
+/// How long a delay queue may sit unused (no declare) beyond its delay before the broker
+/// deletes it, and how often a producer declares it again while using it.
+const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
+const DELAY_QUEUE_REDECLARE: Duration = Duration::from_secs(300);
+
+/// Name of the delay queue for messages to `exchange` with `routing_key`, held `ms`.
+pub fn delay_queue_name(exchange: &str, routing_key: &str, ms: u64) -> String {
+    let target = if exchange.is_empty() {
+        "(default)"
+    } else {
+        exchange
+    };
+    let name = format!("amq_rs.delay.{ms}ms.{target}.{routing_key}");
+    if name.len() <= 255 {
+        return name;
+    }
+    // Too long for a queue name: a fixed hash of the target instead (same in every process).
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&(exchange, routing_key), &mut hasher);
+    format!(
+        "amq_rs.delay.{ms}ms.#{:016x}",
+        std::hash::Hasher::finish(&hasher)
+    )
+}
 
 /// Delay before the first republish of a nacked message; it doubles each time, up to the max.
 const NACK_RETRY_DELAY: Duration = Duration::from_millis(250);
@@ -162,6 +188,8 @@ pub struct Producer {
     channel_number: u64,
     /// Nacked messages to republish, soonest first.
     retrying: VecDeque<Retry>,
+    /// Queues this producer declared (delay and dead-letter queues), and when.
+    declared: HashMap<String, Instant>,
     /// A nack came: the next publish goes on a new channel. After losing a quorum queue's
     /// leader, a channel can get nothing but nacks for 15 s and more while a new one works.
     renew_channel: bool,
@@ -180,6 +208,7 @@ impl Producer {
             channel_number: 0,
             retrying: VecDeque::new(),
             renew_channel: false,
+            declared: HashMap::new(),
         };
         producer.channel()?;
         Ok(producer)
@@ -316,6 +345,72 @@ impl Producer {
                 self.send(meta, copy.body, copy.properties, copy.nacks)?;
             }
         }
+        Ok(())
+    }
+
+    /// Publishes `message` to be routed `delay` from now: it waits in a delay queue the
+    /// producer declares (per exchange, routing key and delay: a per-queue TTL, so no message
+    /// waits behind a longer one), whose dead-letter target is the message's own exchange and
+    /// routing key. Confirmed means safely in the delay queue.
+    pub fn publish_delayed(&mut self, message: Outgoing, delay: Duration) -> Result<()> {
+        let ms = u64::try_from(delay.as_millis())
+            .unwrap_or(u64::MAX)
+            .clamp(1, u64::from(u32::MAX));
+        let queue = delay_queue_name(&message.exchange, &message.routing_key, ms);
+        self.declare_delay_queue(&queue, &message, ms)?;
+        self.publish(Outgoing {
+            exchange: String::new(),
+            routing_key: queue,
+            ..message
+        })
+    }
+
+    /// Declares the delay queue unless this producer did so recently. Declaring it again
+    /// keeps its `x-expires` clock from running out while messages wait in it.
+    fn declare_delay_queue(&mut self, queue: &str, message: &Outgoing, ms: u64) -> Result<()> {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms as i64));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(message.exchange.as_str().into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(message.routing_key.as_str().into()),
+        );
+        // Unused for an hour past the delay: gone, so that one-off delays leave nothing
+        // behind. Always longer than a message can wait in it (it is declared again first).
+        let expires = ms.saturating_add(DELAY_QUEUE_IDLE.as_millis() as u64);
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));
+        self.declare_queue(queue, arguments)
+    }
+
+    /// Declares a durable queue on the producer's channel (so that recovery declares it
+    /// again), unless this producer did so less than `DELAY_QUEUE_REDECLARE` ago.
+    pub(crate) fn declare_queue(&mut self, queue: &str, arguments: FieldTable) -> Result<()> {
+        let now = Instant::now();
+        if self
+            .declared
+            .get(queue)
+            .is_some_and(|at| now.duration_since(*at) < DELAY_QUEUE_REDECLARE)
+        {
+            return Ok(());
+        }
+        self.link.ensure_usable("declare a queue")?;
+        let channel = self.channel()?;
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let context = format!("declare queue '{queue}' on {}", self.link.endpoint());
+        let name = shortstr(queue, "queue name")?;
+        runtime::block_on(
+            channel.queue_declare(name, options, arguments),
+            COMMAND_TIMEOUT,
+            &context,
+        )?
+        .map_err(|e| Error::from_lapin(&e, &context))?;
+        self.declared.insert(queue.to_string(), now);
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 use crate::core::connection::COMMAND_TIMEOUT;
 use crate::core::consumer::{flush_settlements, Consumer as CoreConsumer, Settlement};
 use crate::core::error::ErrorKind;
+use crate::core::retry::{Retrier, RetryPolicy};
 use crate::core::stop_signals::StopSignals;
 use crate::php::convert::{Options, PhpArray};
 use crate::php::exceptions::{guard, invalid_argument, type_error, warn, ExceptionClass};
@@ -11,7 +12,8 @@ use ext_php_rs::convert::IntoZval;
 use ext_php_rs::exception::{PhpException, PhpResult};
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::ZendCallable;
-use ext_php_rs::types::ZendClassObject;
+use ext_php_rs::types::{ZendClassObject, ZendObject};
+use ext_php_rs::zend::ExecutorGlobals;
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
@@ -30,13 +32,17 @@ pub struct Consumer {
     auto_ack: bool,
     stop: Cell<bool>,
     cancel_requested: Cell<bool>,
+    /// Republishes failed messages (`on_error` 'retry'); made on the first failure.
+    retrier: RefCell<Option<Retrier>>,
 }
 
 /// What a callback that throws does to its message.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum OnError {
     Requeue,
     Reject,
+    /// Back to its queue after a delay, then to a dead-letter queue; consume() goes on.
+    Retry(RetryPolicy),
 }
 
 impl Consumer {
@@ -47,6 +53,35 @@ impl Consumer {
             auto_ack,
             stop: Cell::new(false),
             cancel_requested: Cell::new(false),
+            retrier: RefCell::new(None),
+        }
+    }
+
+    /// Retries a message whose callback threw, or dead-letters it; acks it once the broker
+    /// has the copy. The callback's exception is consumed: the failure is handled.
+    fn retry(&self, message: &mut Message, queue: &str, policy: &RetryPolicy) -> PhpResult<()> {
+        let reason = match ExecutorGlobals::take_exception() {
+            Some(mut thrown) => describe_exception(&mut thrown),
+            None => "the callback failed".to_string(),
+        };
+        if !message.needs_settling() {
+            return Ok(());
+        }
+        let mut slot = self.retrier.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Retrier::new(self.inner.borrow().link())?);
+        }
+        let Some(retrier) = slot.as_mut() else {
+            return Ok(());
+        };
+        let (body, properties) = message.content();
+        match retrier.handle(queue, body, properties, &reason, policy) {
+            Ok(_) => message.settle_once(Settlement::Ack, "ack after passing the message on"),
+            Err(err) => {
+                // Not passed on: back to its queue, nothing lost.
+                let _ = message.settle_once(Settlement::Nack { requeue: true }, "requeue");
+                Err(err.into())
+            }
         }
     }
 
@@ -61,6 +96,9 @@ impl Consumer {
                 "memory_limit",
                 "stop_signals",
                 "on_error",
+                "max_retries",
+                "retry_delay",
+                "dead_letter",
             ],
             ctx,
         )?;
@@ -72,9 +110,21 @@ impl Consumer {
         let on_error = match opts.string("on_error")?.as_deref() {
             None | Some("requeue") => OnError::Requeue,
             Some("reject") => OnError::Reject,
+            Some("retry") => {
+                let defaults = RetryPolicy::default();
+                OnError::Retry(RetryPolicy {
+                    max_retries: opts.int_in(
+                        "max_retries",
+                        i64::from(defaults.max_retries),
+                        0..=100,
+                    )? as u32,
+                    delay: opts.duration("retry_delay", defaults.delay)?,
+                    dead_letter: opts.string("dead_letter")?,
+                })
+            }
             Some(other) => {
                 return Err(invalid_argument(format!(
-                    "{ctx}: option 'on_error' must be 'requeue' or 'reject', got '{other}'"
+                    "{ctx}: option 'on_error' must be 'requeue', 'reject' or 'retry', got '{other}'"
                 )))
             }
         };
@@ -150,6 +200,7 @@ impl Consumer {
                 self.auto_ack,
                 Some(self.inner.borrow().link()),
             );
+            let queue = incoming.queue;
             let mut object = ZendClassObject::new(message);
             let result = {
                 let zval = (&mut *object).into_zval(false)?;
@@ -162,12 +213,22 @@ impl Consumer {
                         object.settle_once(Settlement::Ack, "settle after the callback")?;
                     }
                 }
+                Err(_) if !self.auto_ack && matches!(on_error, OnError::Retry(_)) => {
+                    if let OnError::Retry(policy) = &on_error {
+                        if let Err(err) = self.retry(&mut object, &queue, policy) {
+                            let _ = self.inner.borrow().flush_acks();
+                            return Err(err);
+                        }
+                    }
+                }
                 Err(_) => {
                     // The callback threw: settle per on_error, then let its exception leave
                     // consume() unchanged (it is still pending in the engine).
                     if object.needs_settling() {
                         let how = match on_error {
-                            OnError::Requeue => Settlement::Nack { requeue: true },
+                            OnError::Requeue | OnError::Retry(_) => {
+                                Settlement::Nack { requeue: true }
+                            }
                             OnError::Reject => Settlement::Reject { requeue: false },
                         };
                         let _ = object.settle_once(how, "settle after the callback threw");
@@ -190,6 +251,19 @@ impl Consumer {
         flush_settlements(COMMAND_TIMEOUT)?;
         Ok(handled)
     }
+}
+
+/// `Class: message` of a thrown exception, for the dead-letter reason header.
+fn describe_exception(thrown: &mut ZendObject) -> String {
+    let class = thrown
+        .get_class_name()
+        .unwrap_or_else(|_| "exception".to_string());
+    let message = thrown
+        .try_call_method("getMessage", vec![])
+        .ok()
+        .and_then(|m| m.string())
+        .unwrap_or_default();
+    format!("{class}: {message}")
 }
 
 fn seconds(opts: &Options<'_>, key: &str) -> PhpResult<Option<Duration>> {

@@ -285,8 +285,29 @@ pub const PROPERTY_KEYS: &[&str] = &[
 /// Converts a `properties` array to AMQP basic properties; `delivery_mode` defaults to 2
 /// (persistent). Unknown keys raise `\InvalidArgumentException`, wrong types `TypeError`.
 pub fn to_properties(array: Option<&ZendHashTable>) -> PhpResult<lapin::BasicProperties> {
+    let opts = Options::new(array, PROPERTY_KEYS, "message properties")?;
+    properties_from(&opts)
+}
+
+/// The properties of `Producer::publish()`: the AMQP ones, and `delay` (milliseconds the
+/// extension holds the message back before it is routed), which is not sent.
+pub fn to_publish_properties(
+    array: Option<&ZendHashTable>,
+) -> PhpResult<(lapin::BasicProperties, Option<Duration>)> {
+    let keys: Vec<&str> = PROPERTY_KEYS.iter().copied().chain(["delay"]).collect();
+    let opts = Options::new(array, &keys, "message properties")?;
+    let delay = match opts.get("delay") {
+        None => None,
+        Some(_) => {
+            let ms = opts.int_in("delay", 0, 0..=i64::from(u32::MAX))?;
+            (ms > 0).then(|| Duration::from_millis(ms as u64))
+        }
+    };
+    Ok((properties_from(&opts)?, delay))
+}
+
+fn properties_from(opts: &Options<'_>) -> PhpResult<lapin::BasicProperties> {
     let ctx = "message properties";
-    let opts = Options::new(array, PROPERTY_KEYS, ctx)?;
     let short = |key: &str| -> PhpResult<Option<ShortString>> {
         match opts.string(key)? {
             None => Ok(None),

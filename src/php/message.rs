@@ -64,6 +64,11 @@ impl Message {
         }
     }
 
+    /// Its body and properties, for passing it on (retries, dead letters).
+    pub(crate) fn content(&self) -> (&[u8], &BasicProperties) {
+        (&self.body, &self.properties)
+    }
+
     /// Whether the message still waits for ack/nack/reject.
     pub(crate) fn needs_settling(&self) -> bool {
         !self.settled && self.acker.is_some()
@@ -143,6 +148,12 @@ impl Message {
             )?;
             Ok(())
         })
+    }
+
+    /// Which attempt at handling this is: 1, then 2 on its first retry (consume() option
+    /// `on_error` 'retry'), and so on.
+    pub fn get_attempt(&self) -> i64 {
+        i64::from(crate::core::retry::attempt(&self.properties))
     }
 
     /// The routing key it was published with.

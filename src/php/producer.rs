@@ -5,7 +5,7 @@
 
 use crate::core::error::Error;
 use crate::core::producer::{Outgoing, Producer as CoreProducer};
-use crate::php::convert::{to_properties, PhpArray};
+use crate::php::convert::{to_publish_properties, PhpArray};
 use crate::php::exceptions::{guard, invalid_argument, warn};
 use crate::php::json;
 use ext_php_rs::binary_slice::BinarySlice;
@@ -50,14 +50,18 @@ impl Producer {
         properties: PhpArray<'_>,
     ) -> PhpResult<()> {
         guard("AmqpRs\\Producer::publish()", || {
-            let properties = to_properties(properties.table())?;
+            let (properties, delay) = to_publish_properties(properties.table())?;
             let message = Outgoing {
                 exchange: exchange.to_string(),
                 routing_key: routingKey.to_string(),
                 body: body.to_vec(),
                 properties,
             };
-            Ok(self.core().publish(message)?)
+            match delay {
+                Some(delay) => self.core().publish_delayed(message, delay)?,
+                None => self.core().publish(message)?,
+            }
+            Ok(())
         })
     }
 
@@ -72,7 +76,7 @@ impl Producer {
     ) -> PhpResult<()> {
         guard("AmqpRs\\Producer::publishJson()", || {
             let body = json::encode(value, "AmqpRs\\Producer::publishJson()")?;
-            let mut properties = to_properties(properties.table())?;
+            let (mut properties, delay) = to_publish_properties(properties.table())?;
             if properties.content_type().is_none() {
                 properties = properties.with_content_type(json::CONTENT_TYPE.into());
             }
@@ -82,7 +86,11 @@ impl Producer {
                 body,
                 properties,
             };
-            Ok(self.core().publish(message)?)
+            match delay {
+                Some(delay) => self.core().publish_delayed(message, delay)?,
+                None => self.core().publish(message)?,
+            }
+            Ok(())
         })
     }
 
