@@ -284,7 +284,7 @@ final class ConsumerTest extends TestCase
             $this->conn->consumer($this->queue)->consume(fn () => null, ['on_error' => 'ignore']);
             $this->fail('bad on_error');
         } catch (InvalidArgumentException $e) {
-            $this->assertStringContainsString("'on_error' must be 'requeue' or 'reject'", $e->getMessage());
+            $this->assertStringContainsString("'on_error' must be 'requeue', 'reject' or 'retry'", $e->getMessage());
         }
         $this->expectException(TypeError::class);
         $this->conn->consumer($this->queue)->consume('no_such_function_anywhere');
@@ -292,12 +292,14 @@ final class ConsumerTest extends TestCase
 
     public function testHeartbeatsAreKeptWhileACallbackWorksForSeconds(): void
     {
-        // heartbeat 1 s: a client that misses two would be disconnected by the broker within
-        // ~2 s; the callback blocks PHP for 5 s and the ack must still land afterwards.
-        $conn = new Connection(Broker::URI, ['heartbeat' => 1, 'name' => Broker::unique('hb')]);
+        // heartbeat 2 s: a client that misses two would be disconnected by the broker within
+        // ~4 s; the callback blocks PHP for 6 s and the ack must still land afterwards. (1 s
+        // left too little slack on a loaded 2-core machine: lapin itself gives up on a broker
+        // silent for 2 s.)
+        $conn = new Connection(Broker::URI, ['heartbeat' => 2, 'name' => Broker::unique('hb')]);
         $this->publish(1);
         $n = $conn->consumer($this->queue)->consume(function () {
-            sleep(5);
+            sleep(6);
         }, ['max_messages' => 1]);
         $this->assertSame(1, $n);
         $this->assertTrue($conn->isConnected());
