@@ -307,4 +307,37 @@ final class ConsumerTest extends TestCase
         usleep(200_000);
         $this->assertSame(0, $this->total(), 'the ack landed');
     }
+
+    public function testNextPullsFromThePrefetchBufferAndLeavesSettlingToTheCaller(): void
+    {
+        $this->publish(3);
+        $consumer = $this->conn->consumer($this->queue, ['prefetch' => 10]);
+        $first = $consumer->next(5);
+        $this->assertSame('m0', $first?->getBody());
+        $this->assertFalse($first->isSettled(), 'nothing is settled for you');
+        $second = $consumer->next(5);
+        $this->assertSame('m1', $second?->getBody());
+        $second->ack();
+        $first->nack(true);
+        $seen = [];
+        while ($m = $consumer->next(1)) {
+            $seen[] = $m->getBody();
+            $m->ack();
+        }
+        sort($seen);
+        $this->assertSame(['m0', 'm2'], $seen, 'the nacked one came back, the acked one did not');
+        $this->assertNull($consumer->next(0), 'null when nothing is there');
+        usleep(200_000);
+        $this->assertSame(0, $this->total(), 'every ack was sent');
+    }
+
+    public function testNextLeavesUnsettledMessagesToTheBrokerWhenTheConsumerGoes(): void
+    {
+        $this->publish(2);
+        $consumer = $this->conn->consumer($this->queue, ['prefetch' => 10]);
+        $this->assertSame('m0', $consumer->next(5)?->getBody());
+        unset($consumer);
+        usleep(300_000);
+        $this->assertSame(2, $this->total(), 'the unsettled message is back in the queue');
+    }
 }

@@ -226,6 +226,15 @@ final class Consumer
      */
     public function consume(callable $callback, array $options = []): int {}
 
+    /**
+     * The next delivery from the consumer's prefetch buffer, waiting up to $timeout seconds
+     * (0: only what has arrived); null when none came. Pull-style use of a push consumer:
+     * nothing is settled for you — ack(), nack() or reject() the message (its ack is sent at
+     * once, not batched). Messages left unsettled go back to the queue when the consumer or
+     * its connection closes.
+     */
+    public function next(float $timeout = 0.0): ?Message {}
+
     /** Makes consume() return after the message in hand (from the callback or a signal handler). */
     public function stop(): void {}
 

@@ -311,6 +311,45 @@ impl Consumer {
         })
     }
 
+    /// The next delivery from the consumer's prefetch buffer, waiting up to `timeout` seconds
+    /// (0: only what has arrived); null when none came. Pull-style use of a push consumer:
+    /// unlike consume(), nothing is settled for you — ack(), nack() or reject() the message
+    /// (its ack is sent at once, not batched).
+    #[php(defaults(timeout = 0.0))]
+    pub fn next(&self, timeout: f64) -> PhpResult<Option<Message>> {
+        guard("AmqpRs\\Consumer::next()", || {
+            if !(timeout.is_finite() && timeout >= 0.0) {
+                return Err(invalid_argument(format!(
+                    "next(): timeout must be a number of seconds >= 0, got {timeout}"
+                )));
+            }
+            let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(mut inner) = self.inner.try_borrow_mut() else {
+                    return Err(invalid_argument("next() cannot run while consume() waits"));
+                };
+                let Some(incoming) = inner.next(left)? else {
+                    return Ok(None);
+                };
+                let link = inner.link();
+                drop(inner);
+                if let Some(warning) = incoming.poisoned {
+                    // Settled already; the application never sees a message with `?` bytes.
+                    warn(&warning)?;
+                    continue;
+                }
+                return Ok(Some(Message::new(
+                    incoming.delivery,
+                    Some(incoming.consumer_tag),
+                    None,
+                    self.auto_ack,
+                    Some(link),
+                )));
+            }
+        })
+    }
+
     /// Makes consume() return after the message in hand.
     pub fn stop(&self) {
         self.stop.set(true);
