@@ -139,4 +139,23 @@ final class RetryTest extends TestCase
         $this->expectException(InvalidArgumentException::class);
         $this->conn->producer()->publish('x', $this->queue, '', ['delay' => -5]);
     }
+
+    public function testARetriedMessageKeepsItsExchangeAndRoutingKey(): void
+    {
+        $exchange = Broker::unique('retry-topic');
+        $this->conn->declareExchange($exchange, 'topic', ['auto_delete' => true]);
+        $this->conn->bindQueue($this->queue, $exchange, 'order.*');
+        $producer = $this->conn->producer();
+        $producer->publishJson(['id' => 1], 'order.created', $exchange);
+        $producer->waitForConfirms(10);
+        $seen = [];
+        $this->conn->consumer($this->queue)->consume(function (Message $m) use (&$seen) {
+            $seen[] = [$m->getAttempt(), $m->getExchange(), $m->getRoutingKey()];
+            throw new RuntimeException('handler down');
+        }, ['on_error' => 'retry', 'max_retries' => 1, 'retry_delay' => 0.1, 'idle_timeout' => 1]);
+        $this->assertSame([[1, $exchange, 'order.created'], [2, $exchange, 'order.created']], $seen);
+        $dead = $this->conn->get("{$this->queue}.dead", true);
+        $this->assertSame('order.created', $dead?->getRoutingKey(), 'the dead letter too');
+        $this->assertSame($exchange, $dead->getExchange());
+    }
 }

@@ -46,8 +46,9 @@ final class Connection
      * Options: heartbeat (s, default 30; 0 accepts the broker's interval: heartbeats are kept by a
      * background thread even while PHP works, so there is no reason to turn them off),
      * connect_timeout (s, default 5, per broker tried), name (shown in the management UI),
-     * reconnect (default true; accepted now, automatic recovery is not implemented yet: a lost
-     * connection raises ConnectionException), tls (cafile: extra trusted CAs in PEM; certfile +
+     * reconnect (default true: a lost connection is recovered by itself, walking the URI list,
+     * with its channels, topology, qos and consumers; ConnectionException once 10 attempts
+     * failed; see docs/recovery.md), tls (cafile: extra trusted CAs in PEM; certfile +
      * keyfile: PEM client certificate and PKCS#8 key for mutual TLS; verify: only true is
      * supported, give the broker's CA with cafile instead of turning verification off).
      *

@@ -16,6 +16,10 @@ pub const ATTEMPT_HEADER: &str = "x-attempt";
 /// Headers a dead-lettered message gets: why its last attempt failed, and its queue.
 pub const REASON_HEADER: &str = "x-failure-reason";
 pub const QUEUE_HEADER: &str = "x-failed-queue";
+/// Where the message was first published: a retry or dead letter travels through the default
+/// exchange, and `Message::getExchange()`/`getRoutingKey()` give these back instead.
+pub const EXCHANGE_HEADER: &str = "x-original-exchange";
+pub const ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 
 /// Longest delay between two attempts, however many retries.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
@@ -89,15 +93,32 @@ impl Retrier {
 
     /// Sends a failed delivery of `queue` on: to a retry, or to the dead-letter queue once
     /// `policy` allows no more. Returns once the broker has it; the caller then acks.
+    /// `exchange` and `routing_key` are the delivery's, as the consumer saw them.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
         queue: &str,
+        exchange: &str,
+        routing_key: &str,
         body: &[u8],
         properties: &BasicProperties,
         reason: &str,
         policy: &RetryPolicy,
     ) -> Result<Fate> {
         let attempt = attempt(properties);
+        // Kept from the first publish on; later attempts already carry them.
+        let origin = [
+            (EXCHANGE_HEADER, AMQPValue::LongString(exchange.into())),
+            (
+                ROUTING_KEY_HEADER,
+                AMQPValue::LongString(routing_key.into()),
+            ),
+        ];
+        let known = properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(ROUTING_KEY_HEADER));
+        let origin: &[(&str, AMQPValue)] = if known { &[] } else { &origin };
         let fate = if attempt <= policy.max_retries {
             let delay = policy
                 .delay
@@ -109,7 +130,7 @@ impl Retrier {
                 routing_key: queue.to_string(),
                 body: body.to_vec(),
                 properties: with_headers(
-                    properties,
+                    &with_headers(properties, origin),
                     &[(ATTEMPT_HEADER, AMQPValue::LongLongInt(next))],
                 ),
             };
@@ -134,7 +155,7 @@ impl Retrier {
                 routing_key: dead.clone(),
                 body: body.to_vec(),
                 properties: with_headers(
-                    properties,
+                    &with_headers(properties, origin),
                     &[
                         (ATTEMPT_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
                         (REASON_HEADER, AMQPValue::LongString(reason.as_str().into())),
@@ -181,7 +202,15 @@ mod tests {
         let first = BasicProperties::default();
         assert_eq!(attempt(&first), 1);
         let fate = retrier
-            .handle(&queue, b"job", &first, "E: boom", &policy)
+            .handle(
+                &queue,
+                "events",
+                "order.created",
+                b"job",
+                &first,
+                "E: boom",
+                &policy,
+            )
             .expect("retried");
         assert_eq!(
             fate,
@@ -194,7 +223,15 @@ mod tests {
         let again = again.expect("back in its queue");
         assert_eq!(attempt(&again.properties), 2);
         let fate = retrier
-            .handle(&queue, b"job", &again.properties, "E: boom again", &policy)
+            .handle(
+                &queue,
+                "",
+                &queue,
+                b"job",
+                &again.properties,
+                "E: boom again",
+                &policy,
+            )
             .expect("dead-lettered");
         assert_eq!(
             fate,
@@ -208,6 +245,11 @@ mod tests {
         assert_eq!(
             headers.inner().get(REASON_HEADER),
             Some(&AMQPValue::LongString("E: boom again".into()))
+        );
+        assert_eq!(
+            headers.inner().get(ROUTING_KEY_HEADER),
+            Some(&AMQPValue::LongString("order.created".into())),
+            "the first publish's routing key survives every hop"
         );
         conn.delete_queue(&dead, false, false).expect("delete");
     }

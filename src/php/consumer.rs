@@ -75,7 +75,16 @@ impl Consumer {
             return Ok(());
         };
         let (body, properties) = message.content();
-        match retrier.handle(queue, body, properties, &reason, policy) {
+        let (exchange, routing_key) = message.delivered_as();
+        match retrier.handle(
+            queue,
+            exchange,
+            routing_key,
+            body,
+            properties,
+            &reason,
+            policy,
+        ) {
             Ok(_) => message.settle_once(Settlement::Ack, "ack after passing the message on"),
             Err(err) => {
                 // Not passed on: back to its queue, nothing lost.

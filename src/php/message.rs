@@ -64,6 +64,21 @@ impl Message {
         }
     }
 
+    /// The exchange and routing key it was delivered with (not the originals of a retry).
+    pub(crate) fn delivered_as(&self) -> (&str, &str) {
+        (&self.exchange, &self.routing_key)
+    }
+
+    /// A header kept by a retry (`x-original-exchange`, `x-original-routing-key`), if any.
+    fn original(&self, header: &str) -> Option<String> {
+        match self.properties.headers().as_ref()?.inner().get(header)? {
+            lapin::types::AMQPValue::LongString(s) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// Its body and properties, for passing it on (retries, dead letters).
     pub(crate) fn content(&self) -> (&[u8], &BasicProperties) {
         (&self.body, &self.properties)
@@ -156,14 +171,17 @@ impl Message {
         i64::from(crate::core::retry::attempt(&self.properties))
     }
 
-    /// The routing key it was published with.
+    /// The routing key it was published with (a retried message's original one).
     pub fn get_routing_key(&self) -> String {
-        self.routing_key.clone()
+        self.original(crate::core::retry::ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| self.routing_key.clone())
     }
 
-    /// The exchange it was published to ('' for the default exchange).
+    /// The exchange it was published to ('' for the default exchange; a retried message's
+    /// original one).
     pub fn get_exchange(&self) -> String {
-        self.exchange.clone()
+        self.original(crate::core::retry::EXCHANGE_HEADER)
+            .unwrap_or_else(|| self.exchange.clone())
     }
 
     /// The delivery tag on its channel.
