@@ -2,11 +2,17 @@
 // make bench: amqp_rs, php-amqp and php-amqplib side by side, in one run, against the same
 // broker. Prints msgs/s and client CPU µs/msg per scenario, and ratios against php-amqp.
 //
-//   php benches/run.php [--count=N] [--rounds=R] [--only=P1,C1,M1] [--m1-count=N] [--so=PATH]
+//   php benches/run.php [--count=N] [--rounds=R] [--only=P1,C1,R1,M1] [--m1-count=N] [--so=PATH]
 //
 // P1-P3 publish. C1-C2 consume a queue that amqp_rs filled beforehand, outside the timing.
 // 'raw' is the broker's ceiling: AMQP written by hand on a plain socket, no client overhead
 // (clients/raw_amqp.php); a ratio it cannot reach is ruled out by the broker, not the client.
+// R1 is request/reply: --count (default 10 000) sequential round trips of 100 B, latency
+// percentiles per client. Every client calls the same server, an amqp_rs process that consumes
+// the request queue and answers with Message::reply() (clients/serve_amqp_rs.php), started
+// afresh for each measurement: only the client differs. amqp_rs calls rpc() (direct reply-to);
+// php-amqp and php-amqplib do the classic RPC of the RabbitMQ tutorial (an exclusive reply
+// queue, a correlation id per call). 'raw' has no RPC client.
 // M1 is opt-in (only with --only=M1): it reports how the RSS of an amqp_rs worker, and of a
 // php-amqp one, grows over --m1-count messages (default 1 000 000, several minutes).
 //
@@ -35,6 +41,7 @@ $php = [
 $script = fn (string $side, string $client) => __DIR__ . "/clients/{$side}_" . str_replace('-', '_', $client) . '.php';
 $queue = 'amqp_rs.bench.publish';
 $consumeQueue = 'amqp_rs.bench.consume';
+$rpcQueue = 'amqp_rs.bench.rpc';
 
 function ctl(string ...$args): void
 {
@@ -145,6 +152,34 @@ foreach ($scenarios as $name => $s) {
     run($setup($side === 'publish' ? $queue : $consumeQueue));
 }
 
+$latency = [];
+if ($only === null || in_array('R1', $only, true)) {
+    $r1Count = (int) ($opts['count'] ?? 10_000);
+    $serveCmd = [...$php['amqp_rs'], $script('serve', 'amqp_rs'), $rpcQueue];
+    for ($round = 0; $round < $rounds; $round++) {
+        $order = ['amqp_rs', 'php-amqp', 'php-amqplib'];
+        if ($round % 2 === 1) {
+            $order = array_reverse($order);
+        }
+        foreach ($order as $client) {
+            $server = proc_open($serveCmd, [1 => ['pipe', 'w'], 2 => ['pipe', 'w']], $serverPipes);
+            if (fgets($serverPipes[1]) !== "ready\n") {
+                throw new RuntimeException('R1 server did not start: ' . stream_get_contents($serverPipes[2]));
+            }
+            try {
+                $r = run([...$php[$client], $script('rpc', $client), 'R1', (string) $r1Count, $rpcQueue]);
+            } finally {
+                proc_terminate($server);                // SIGTERM: consume() returns, it reports
+            }
+            $served = finish($server, $serverPipes, $serveCmd, 30);
+            if ($served['served'] !== $r['calls']) {
+                throw new RuntimeException("R1 $client: {$r['calls']} calls, the server served {$served['served']}");
+            }
+            $latency[$client][] = $r;
+        }
+    }
+}
+
 // One worker per client, fed while it runs by a separate amqp_rs process. php-amqplib is left
 // out: it has no native memory of its own to leak, and a million messages take it long.
 $memory = [];
@@ -167,7 +202,7 @@ if ($only !== null && in_array('M1', $only, true)) {
     run($setup($consumeQueue));
 }
 run([...$php['amqp_rs'], '-r', '$c = new AmqpRs\Connection(); foreach (array_slice($argv, 1) as $q) $c->deleteQueue($q); echo "{}";',
-    $queue, $consumeQueue]);
+    $queue, $consumeQueue, $rpcQueue]);
 
 function median(array $xs): float
 {
@@ -191,6 +226,22 @@ foreach ($results as $name => $byClient) {
     }
 }
 if ($results) {
+    printf("(medians of %d rounds; %s)\n", $rounds, php_uname('n') . ', ' . trim((string) shell_exec('nproc')) . ' cores');
+}
+if ($latency) {
+    // Per client, the median over the rounds of each figure; p50 against php-amqplib's.
+    printf("%sR1: %d sequential RPC round trips, 100 B each way, one amqp_rs server (consume + reply)\n",
+        $results ? "\n" : '', $r1Count);
+    printf("%-4s %-12s %10s %10s %10s %10s %12s %12s\n", 'scen', 'client', 'calls/s', 'mean µs', 'p50 µs', 'p99 µs',
+        'p50 vs lib', 'cpu µs/call');
+    $med = fn (string $client, string $key) => median(array_column($latency[$client], $key));
+    foreach ($latency as $client => $rows) {
+        printf("%-4s %-12s %10.0f %10.0f %10.0f %10.0f %11.2fx %12.1f\n", 'R1', $client,
+            median(array_map(fn ($r) => $r['timed'] / $r['elapsed'], $rows)), $med($client, 'mean_us'),
+            $med($client, 'p50_us'), $med($client, 'p99_us'),
+            isset($latency['php-amqplib']) ? $med($client, 'p50_us') / $med('php-amqplib', 'p50_us') : 0,
+            median(array_map(fn ($r) => $r['cpu_us'] / $r['timed'], $rows)));
+    }
     printf("(medians of %d rounds; %s)\n", $rounds, php_uname('n') . ', ' . trim((string) shell_exec('nproc')) . ' cores');
 }
 if ($memory) {

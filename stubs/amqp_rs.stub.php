@@ -133,8 +133,10 @@ final class Connection
     /**
      * Request/reply over direct reply-to (amq.rabbitmq.reply-to): publishes the request with
      * reply_to and a correlation_id set (yours, if $properties has one) and waits for the
-     * reply carrying it. Late replies to calls that timed out are dropped.
+     * reply carrying it. Late replies to calls that timed out are dropped. Requests are
+     * transient (delivery_mode 1) unless $properties says otherwise.
      *
+     * @throws \InvalidArgumentException when $properties sets reply_to, or an empty correlation_id
      * @throws TimeoutException when no reply comes within $timeout seconds
      * @throws PublishException when no queue takes the request (returned, 312 NO_ROUTE)
      */
@@ -260,8 +262,9 @@ final class Message
     public function json(): mixed {}
 
     /**
-     * Publishes $body to this message's reply_to with its correlation_id copied, and waits
-     * for the broker to take it.
+     * Publishes $body to this message's reply_to with its correlation_id copied (unless
+     * $properties sets one), and waits for the broker to take it. Not mandatory: a reply to a
+     * caller that has gone away is dropped by the broker, without an error.
      *
      * @throws Exception when the message has no reply_to
      */

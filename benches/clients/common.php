@@ -14,3 +14,31 @@ function cpu_us(array $a, array $b): float
     $t = fn ($r) => $r['ru_utime.tv_sec'] * 1e6 + $r['ru_utime.tv_usec'] + $r['ru_stime.tv_sec'] * 1e6 + $r['ru_stime.tv_usec'];
     return $t($b) - $t($a);
 }
+
+/**
+ * R1: times $count calls of $call, one after the other, after 200 untimed ones (connection and
+ * reply-consumer set-up, first allocations); prints the JSON line the orchestrator reads.
+ */
+function rpc_measure(callable $call, int $count): void
+{
+    for ($i = 0; $i < 200; $i++) {
+        $call();
+    }
+    $lat = [];
+    $start = hrtime(true);
+    $r0 = getrusage();
+    for ($i = 0; $i < $count; $i++) {
+        $t = hrtime(true);
+        $call();
+        $lat[] = hrtime(true) - $t;
+    }
+    $elapsed = (hrtime(true) - $start) / 1e9;
+    $r1 = getrusage();
+    sort($lat);
+    $pct = fn (float $p) => $lat[min($count - 1, (int) ceil($p * $count) - 1)] / 1e3;
+    echo json_encode([
+        'elapsed' => $elapsed, 'cpu_us' => cpu_us($r0, $r1), 'timed' => $count, 'calls' => $count + 200,
+        'p50_us' => $pct(0.50), 'p99_us' => $pct(0.99), 'max_us' => $lat[$count - 1] / 1e3,
+        'mean_us' => array_sum($lat) / $count / 1e3,
+    ]), "\n";
+}

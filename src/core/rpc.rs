@@ -12,10 +12,14 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+/// How long a call waits for its reply before it also watches its confirm (see `call`).
+const QUIET: Duration = Duration::from_millis(5);
 
 /// The pseudo-queue the broker routes replies through.
 pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -121,76 +125,89 @@ impl RpcClient {
         });
         let mut confirmed = false;
         let replies = &mut self.replies;
-        let outcome = runtime::park_on(
-            std::future::poll_fn(|cx| {
-                if !confirmed {
-                    match confirm.as_mut().poll(cx) {
-                        Poll::Ready(Ok(Confirmation::Ack(None))) => confirmed = true,
-                        Poll::Ready(Ok(Confirmation::Ack(Some(returned))))
-                        | Poll::Ready(Ok(Confirmation::Nack(Some(returned)))) => {
-                            return Poll::Ready(Err(Error::publish(
-                                &what,
-                                vec![failure(
-                                    &request,
-                                    returned.reply_code,
-                                    format!(
-                                        "returned by the broker: {} {} (no queue is bound for \
+        let watch_confirm = Cell::new(false);
+        let mut poll = |cx: &mut Context<'_>| {
+            if !confirmed {
+                // The confirm comes before the reply: waking the PHP thread for it would
+                // cost a second wake-up per call. Only a late call (no reply within
+                // QUIET) waits for it, to report a returned request.
+                let mut quiet = Context::from_waker(Waker::noop());
+                let confirm_cx = if watch_confirm.get() {
+                    &mut *cx
+                } else {
+                    &mut quiet
+                };
+                match confirm.as_mut().poll(confirm_cx) {
+                    Poll::Ready(Ok(Confirmation::Ack(None))) => confirmed = true,
+                    Poll::Ready(Ok(Confirmation::Ack(Some(returned))))
+                    | Poll::Ready(Ok(Confirmation::Nack(Some(returned)))) => {
+                        return Poll::Ready(Err(Error::publish(
+                            &what,
+                            vec![failure(
+                                &request,
+                                returned.reply_code,
+                                format!(
+                                    "returned by the broker: {} {} (no queue is bound for \
                                          it: is the server running?)",
-                                        returned.reply_code, returned.reply_text
-                                    ),
-                                )],
-                            )))
-                        }
-                        Poll::Ready(Ok(_)) => {
-                            return Poll::Ready(Err(Error::publish(
-                                &what,
-                                vec![failure(&request, 0, "nacked by the broker".to_string())],
-                            )))
-                        }
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(Error::from_lapin(&e, &what)));
-                        }
-                        Poll::Pending => {}
+                                    returned.reply_code, returned.reply_text
+                                ),
+                            )],
+                        )))
                     }
+                    Poll::Ready(Ok(_)) => {
+                        return Poll::Ready(Err(Error::publish(
+                            &what,
+                            vec![failure(&request, 0, "nacked by the broker".to_string())],
+                        )))
+                    }
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(Error::from_lapin(&e, &what)));
+                    }
+                    Poll::Pending => {}
                 }
-                loop {
-                    match Pin::new(&mut *replies).poll_next(cx) {
-                        Poll::Ready(Some(Ok(reply)))
-                            if reply.properties.correlation_id().as_ref()
-                                == Some(&correlation_id) =>
-                        {
-                            return Poll::Ready(Ok(reply));
-                        }
-                        // A late reply to an earlier call that timed out.
-                        Poll::Ready(Some(Ok(_))) => continue,
-                        Poll::Ready(Some(Err(e))) => {
-                            let lost = error::lost_connection(&e);
-                            let mut err = Error::from_lapin(&e, &what);
-                            if lost {
-                                err = Error::new(
-                                    err.kind(),
-                                    format!(
-                                        "{} (the connection was lost during the call: the \
+            }
+            loop {
+                match Pin::new(&mut *replies).poll_next(cx) {
+                    Poll::Ready(Some(Ok(reply)))
+                        if reply.properties.correlation_id().as_ref() == Some(&correlation_id) =>
+                    {
+                        return Poll::Ready(Ok(reply));
+                    }
+                    // A late reply to an earlier call that timed out.
+                    Poll::Ready(Some(Ok(_))) => continue,
+                    Poll::Ready(Some(Err(e))) => {
+                        let lost = error::lost_connection(&e);
+                        let mut err = Error::from_lapin(&e, &what);
+                        if lost {
+                            err = Error::new(
+                                err.kind(),
+                                format!(
+                                    "{} (the connection was lost during the call: the \
                                          request may or may not have been handled)",
-                                        err.message()
-                                    ),
-                                );
-                            }
-                            return Poll::Ready(Err(err));
+                                    err.message()
+                                ),
+                            );
                         }
-                        Poll::Ready(None) => {
-                            return Poll::Ready(Err(Error::new(
-                                ErrorKind::Channel(0),
-                                format!("{what}: the broker cancelled the reply consumer"),
-                            )))
-                        }
-                        Poll::Pending => return Poll::Pending,
+                        return Poll::Ready(Err(err));
                     }
+                    Poll::Ready(None) => {
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::Channel(0),
+                            format!("{what}: the broker cancelled the reply consumer"),
+                        )))
+                    }
+                    Poll::Pending => return Poll::Pending,
                 }
-            }),
-            timeout,
-            &what,
-        );
+            }
+        };
+        let outcome =
+            match runtime::park_on(std::future::poll_fn(&mut poll), QUIET.min(timeout), &what) {
+                Err(err) if err.kind() == ErrorKind::Timeout && timeout > QUIET => {
+                    watch_confirm.set(true);
+                    runtime::park_on(std::future::poll_fn(&mut poll), timeout - QUIET, &what)
+                }
+                other => other,
+            };
         match outcome {
             Ok(result) => result,
             Err(err) if err.kind() == ErrorKind::Timeout => Err(Error::timeout(format!(

@@ -361,11 +361,33 @@ impl Connection {
                     "rpc(): timeout must be a number of seconds > 0, got {timeout}"
                 )));
             }
+            let table = properties.table();
+            let given = |key: &str| table.is_some_and(|t| t.get(key).is_some());
+            if given("reply_to") {
+                return Err(invalid_argument(
+                    "rpc(): 'reply_to' is set by rpc() itself (direct reply-to); publish() with \
+                     your own reply_to and consume that queue instead",
+                ));
+            }
+            let mut props = to_properties(table)?;
+            if !given("delivery_mode") {
+                // A request lives as long as its caller waits: not worth a disk write.
+                props = props.with_delivery_mode(1);
+            }
+            if props
+                .correlation_id()
+                .as_ref()
+                .is_some_and(|id| id.as_str().is_empty())
+            {
+                return Err(invalid_argument(
+                    "rpc(): 'correlation_id' may not be empty (leave it out to have one made)",
+                ));
+            }
             let request = Outgoing {
                 exchange: exchange.to_string(),
                 routing_key: routingKey.to_string(),
                 body: body.to_vec(),
-                properties: to_properties(properties.table())?,
+                properties: props,
             };
             let reply = self.inner.rpc(request, Duration::from_secs_f64(timeout))?;
             let link = self.inner.link_arc();
