@@ -194,4 +194,17 @@ final class ExamplesTest extends TestCase
         $this->assertStringContainsString('idle: handled 0 tasks, stopping', $out);
         $this->assertLessThan(10.0, $took);
     }
+
+    public function testTheMakeDemoRunsTheTaskQueueAndTheDispatchCentreEndToEnd(): void
+    {
+        [$code, $out, $err] = self::runScript(120, 'demo.php');
+        $this->assertSame(0, $code, $out . $err);
+        $this->assertStringContainsString('all 12 tasks confirmed by the broker', $out);
+        $this->assertSame(8, substr_count($out, 'done task '), 'the email and image tasks were done');
+        $this->assertStringContainsString('4 report tasks were dead-lettered', $out);
+        $this->assertStringContainsString('10 of 10 results collected', $out);
+        $this->assertMatchesRegularExpression('/node-1: task \S+ \(\w+\) (done|failed)/', $out);
+        $this->assertMatchesRegularExpression('/node-2: task \S+ \(\w+\) (done|failed)/', $out);
+        $this->assertStringEndsWith("demo: done\n", $out);
+    }
 }
