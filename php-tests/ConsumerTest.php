@@ -340,4 +340,23 @@ final class ConsumerTest extends TestCase
         usleep(300_000);
         $this->assertSame(2, $this->total(), 'the unsettled message is back in the queue');
     }
+
+    public function testNextReturnsAtOnceOnASigtermTheScriptHandles(): void
+    {
+        $caught = 0;
+        pcntl_signal(SIGTERM, function () use (&$caught) {
+            $caught++;
+        });
+        try {
+            $consumer = $this->conn->consumer($this->queue);
+            $pid = getmypid();
+            exec("(sleep 0.3; kill -TERM $pid) >/dev/null 2>&1 &");
+            $started = microtime(true);
+            $this->assertNull($consumer->next(10));
+            $this->assertLessThan(5, microtime(true) - $started, 'not the whole timeout');
+            $this->assertSame(1, $caught, 'the handler ran');
+        } finally {
+            pcntl_signal(SIGTERM, SIG_DFL);
+        }
+    }
 }

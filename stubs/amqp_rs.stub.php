@@ -233,9 +233,11 @@ final class Consumer
     /**
      * The next delivery from the consumer's prefetch buffer, waiting up to $timeout seconds
      * (0: only what has arrived); null when none came. Pull-style use of a push consumer:
-     * nothing is settled for you — ack(), nack() or reject() the message (its ack is sent at
-     * once, not batched). Messages left unsettled go back to the queue when the consumer or
-     * its connection closes.
+     * nothing is settled for you — ack(), nack() or reject() the message (not batched: sent
+     * at once, though like any AMQP ack not confirmed by the broker; a process killed with
+     * SIGKILL right after may lose it, and the message is delivered again). Messages left
+     * unsettled go back to the queue when the consumer or its connection closes. A SIGTERM or SIGINT that your script
+     * handles (pcntl_signal) ends the wait at once: null is returned and your handler runs.
      */
     public function next(float $timeout = 0.0): ?Message {}
 

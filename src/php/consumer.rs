@@ -333,13 +333,33 @@ impl Consumer {
                 )));
             }
             let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+            // A SIGTERM/SIGINT the script handles (pcntl_signal) ends the wait early (null)
+            // and its handler runs: a worker blocked here must not stop only when its timeout
+            // runs out. Signals it does not handle keep their default effect.
+            let with_chain: Vec<(i64, bool)> = [libc::SIGTERM, libc::SIGINT]
+                .into_iter()
+                .map(i64::from)
+                .filter(|&sig| has_pcntl_handler(sig))
+                .map(|sig| (sig, true))
+                .collect();
+            let stop_signals = StopSignals::install(&with_chain)?;
             loop {
+                if stop_signals.triggered() {
+                    drop(stop_signals);
+                    dispatch_php_signals();
+                    return Ok(None);
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 let Ok(mut inner) = self.inner.try_borrow_mut() else {
                     return Err(invalid_argument("next() cannot run while consume() waits"));
                 };
-                let Some(incoming) = inner.next(left)? else {
-                    return Ok(None);
+                let Some(incoming) = inner.next(left.min(TICK))? else {
+                    drop(inner);
+                    dispatch_php_signals();
+                    if left <= TICK {
+                        return Ok(None);
+                    }
+                    continue;
                 };
                 let link = inner.link();
                 drop(inner);
