@@ -936,7 +936,10 @@ mod tests {
         drop(producer);
         assert_eq!(conn.queue_status(&queue).expect("status").messages, 400);
         conn.delete_queue(&queue, false, false).expect("delete");
-        assert!(most > MAX_IN_FLIGHT_BYTES / 2, "the bound was reached: {most}");
+        assert!(
+            most > MAX_IN_FLIGHT_BYTES / 2,
+            "the bound was reached: {most}"
+        );
     }
 
     #[test]
