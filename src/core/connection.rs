@@ -205,6 +205,19 @@ impl Link {
             .map_err(|e| Error::from_lapin(&e, &context))
     }
 
+    /// Opens a new channel in publisher-confirm mode; `what` names the purpose in errors.
+    pub(crate) fn open_confirm_channel(&self, what: &str) -> Result<Channel> {
+        let channel = self.open_channel(what)?;
+        let context = format!("enable publisher confirms on {}", self.endpoint());
+        runtime::block_on(
+            channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+            COMMAND_TIMEOUT,
+            &context,
+        )?
+        .map_err(|e| Error::from_lapin(&e, &context))?;
+        Ok(channel)
+    }
+
     /// The fields of a delivery that were not UTF-8 (now `?`), if any; once per delivery.
     pub(crate) fn poisoned(&self, channel: u16, delivery_tag: u64) -> Option<Vec<&'static str>> {
         self.poison.take(channel, delivery_tag)
@@ -260,14 +273,7 @@ impl Link {
                 return Ok(channel.clone());
             }
         }
-        let channel = self.open_channel("publish replies")?;
-        let context = format!("enable publisher confirms on {}", self.endpoint());
-        runtime::block_on(
-            channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
-            COMMAND_TIMEOUT,
-            &context,
-        )?
-        .map_err(|e| Error::from_lapin(&e, &context))?;
+        let channel = self.open_confirm_channel("publish replies")?;
         *slot = Some(channel.clone());
         Ok(channel)
     }

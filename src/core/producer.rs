@@ -13,7 +13,7 @@ use crate::core::frame_size::content_header_size;
 use crate::core::ids;
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel};
@@ -234,16 +234,11 @@ impl Producer {
                 return Ok(channel.clone());
             }
         }
-        let channel = self.link.open_channel("publish")?;
-        if self.options.confirms {
-            let context = format!("enable publisher confirms on {}", self.link.endpoint());
-            runtime::block_on(
-                channel.confirm_select(ConfirmSelectOptions::default()),
-                COMMAND_TIMEOUT,
-                &context,
-            )?
-            .map_err(|e| Error::from_lapin(&e, &context))?;
-        }
+        let channel = if self.options.confirms {
+            self.link.open_confirm_channel("publish")?
+        } else {
+            self.link.open_channel("publish")?
+        };
         *self.channel = Some(channel.clone());
         self.channel_number += 1;
         Ok(channel)

@@ -9,7 +9,7 @@ use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use futures_core::Stream;
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::cell::Cell;
@@ -50,15 +50,9 @@ fn failure(request: &Outgoing, reply_code: u16, reason: String) -> Failure {
 
 impl RpcClient {
     pub(crate) fn open(link: &Link) -> Result<Self> {
-        let channel = link.open_channel("make RPC calls")?;
-        let context = format!("consume RPC replies ({REPLY_TO}) on {}", link.endpoint());
         // Confirm mode, so that a request no queue takes comes back at once (mandatory).
-        runtime::block_on(
-            channel.confirm_select(ConfirmSelectOptions::default()),
-            COMMAND_TIMEOUT,
-            &context,
-        )?
-        .map_err(|e| Error::from_lapin(&e, &context))?;
+        let channel = link.open_confirm_channel("make RPC calls")?;
+        let context = format!("consume RPC replies ({REPLY_TO}) on {}", link.endpoint());
         let options = BasicConsumeOptions {
             no_ack: true,
             ..BasicConsumeOptions::default()
