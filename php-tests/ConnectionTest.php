@@ -125,22 +125,11 @@ final class ConnectionTest extends TestCase
 
     public function testPhpRiShowsTheRuntimeNotStartedBeforeAnyConnection(): void
     {
-        $cmd = sprintf('%s -d extension=%s --ri amqp_rs 2>&1', PHP_BINARY, escapeshellarg(self::extensionPath()));
+        $cmd = sprintf('%s -d extension=%s --ri amqp_rs 2>&1', PHP_BINARY, escapeshellarg(Broker::extensionPath()));
         exec($cmd, $out, $code);
         $text = implode("\n", $out);
         $this->assertSame(0, $code, $text);
         $this->assertStringContainsString('amqp_rs support => enabled', $text);
         $this->assertStringContainsString('runtime => not started', $text);
-    }
-
-    /** The .so this PHP loaded, from /proc/self/maps. */
-    private static function extensionPath(): string
-    {
-        foreach (file('/proc/self/maps') as $line) {
-            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
-                return $m[1];
-            }
-        }
-        throw new RuntimeException('amqp_rs .so not found in /proc/self/maps');
     }
 }

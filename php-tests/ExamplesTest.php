@@ -37,12 +37,7 @@ final class ExamplesTest extends TestCase
     /** php with the amqp_rs this test runs with, and the script. */
     private static function php(string $script, string ...$args): array
     {
-        $so = '';
-        foreach (file('/proc/self/maps') as $line) {
-            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
-                $so = $m[1];
-            }
-        }
+        $so = Broker::extensionPath();
         return [PHP_BINARY, '-d', "extension=$so", self::EXAMPLES . "/$script", ...$args];
     }
 

@@ -40,7 +40,7 @@ final class LaravelTest extends TestCase
         if (($missing = LaravelApp::missing()) !== null) {
             $this->fail($missing);
         }
-        self::$app ??= new LaravelApp($this->extensionPath());
+        self::$app ??= new LaravelApp(Broker::extensionPath());
         $this->conn = new Connection(Broker::URI);
         $this->queue = Broker::unique('laravel');
         $this->work = self::$app->dir . '/work/' . $this->getName(false);
@@ -424,17 +424,5 @@ final class LaravelTest extends TestCase
     private function env(array $extra = []): array
     {
         return $extra + $this->env + ['AMQP_URI' => Broker::URI, 'AMQP_QUEUE' => $this->queue, 'AMQP_FAILED_QUEUE' => '', 'AMQP_DEAD_LETTER' => ''];
-    }
-
-    /** The amqp_rs shared object this process runs with (for the child PHPs). */
-    private function extensionPath(): string
-    {
-        foreach (file('/proc/self/maps', FILE_IGNORE_NEW_LINES) ?: [] as $line) {
-            $path = preg_split('/\s+/', trim($line), 6)[5] ?? '';
-            if (str_ends_with($path, '.so') && str_contains(basename($path), 'amqp_rs')) {
-                return $path;
-            }
-        }
-        $this->fail('cannot find the amqp_rs shared object in /proc/self/maps');
     }
 }

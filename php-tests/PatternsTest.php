@@ -46,12 +46,7 @@ final class PatternsTest extends TestCase
     /** Starts Support/rpc_server.php on $this->queue; returns once its consumer is registered. */
     private function startServer(float $idleTimeout = 20): void
     {
-        $so = '';
-        foreach (file('/proc/self/maps') as $line) {
-            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
-                $so = $m[1];
-            }
-        }
+        $so = Broker::extensionPath();
         $cmd = [PHP_BINARY, '-d', "extension=$so", __DIR__ . '/Support/rpc_server.php', $this->queue, (string) $idleTimeout];
         $this->server = proc_open($cmd, [1 => ['pipe', 'w'], 2 => ['pipe', 'w']], $this->pipes);
         $read = [$this->pipes[1]];

@@ -36,12 +36,7 @@ final class SignalsTest extends TestCase
 
     private function startWorker(int $sleepMs, bool $userHandler = false): int
     {
-        $so = '';
-        foreach (file('/proc/self/maps') as $line) {
-            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
-                $so = $m[1];
-            }
-        }
+        $so = Broker::extensionPath();
         $cmd = [PHP_BINARY, '-d', "extension=$so", __DIR__ . '/Support/worker.php', $this->queue, (string) $sleepMs];
         if ($userHandler) {
             $cmd[] = 'user-handler';

@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 use AmqpRs\Connection;
 use AmqpRs\ConnectionException;
+use AmqpRs\Tests\Support\Broker;
 use AmqpRs\Tests\Support\Node;
 use PHPUnit\Framework\TestCase;
 
@@ -309,7 +310,7 @@ final class TlsNodeTest extends TestCase
             PHP);
         $args = [PHP_BINARY, '-n', '-d', 'display_errors=stderr', '-d', 'error_reporting=-1', '-d', 'zend.exception_ignore_args=1'];
         $args[] = '-d';
-        $args[] = 'extension=' . $this->extensionPath();
+        $args[] = 'extension=' . Broker::extensionPath();
         $args[] = $script;
         $proc = proc_open($args, [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => ['redirect', 1]], $pipes);
         $this->assertIsResource($proc);
@@ -330,17 +331,5 @@ final class TlsNodeTest extends TestCase
         $this->assertStringContainsString("done\n", $out);
         $this->assertMatchesRegularExpression('/Warning: .*no-such-exchange.* on amqps:\/\/' . self::USER . '@localhost/', $out, 'the destructor warned');
         $this->assertNoSecret($out, 'the output of a child with a connection');
-    }
-
-    /** The amqp_rs shared object this process runs with (for a child PHP). */
-    private function extensionPath(): string
-    {
-        foreach (file('/proc/self/maps', FILE_IGNORE_NEW_LINES) ?: [] as $line) {
-            $path = preg_split('/\s+/', trim($line), 6)[5] ?? '';
-            if (str_ends_with($path, '.so') && str_contains(basename($path), 'amqp_rs')) {
-                return $path;
-            }
-        }
-        $this->fail('cannot find the amqp_rs shared object in /proc/self/maps');
     }
 }

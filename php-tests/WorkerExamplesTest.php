@@ -302,12 +302,7 @@ final class WorkerExamplesTest extends TestCase
     /** Starts examples/$script with our prefix; returns its index in $this->procs. */
     private function start(string $script, string ...$args): int
     {
-        $so = '';
-        foreach (file('/proc/self/maps') as $line) {
-            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
-                $so = $m[1];
-            }
-        }
+        $so = Broker::extensionPath();
         $env = ['AMQP_URI' => Broker::URI, 'AMQP_PREFIX' => $this->prefix, 'PATH' => getenv('PATH')];
         $proc = proc_open(
             [PHP_BINARY, '-d', "extension=$so", self::EXAMPLES . "/$script", ...$args],

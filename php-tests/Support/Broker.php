@@ -40,6 +40,17 @@ final class Broker
         return (int) $messages;
     }
 
+    /** The amqp_rs shared object this process runs with, to load it in child PHPs. */
+    public static function extensionPath(): string
+    {
+        foreach (file('/proc/self/maps') as $line) {
+            if (preg_match('#(/\S*amqp_rs\S*\.so)$#', trim($line), $m)) {
+                return $m[1];
+            }
+        }
+        throw new \RuntimeException('amqp_rs .so not found in /proc/self/maps');
+    }
+
     /** Runs rabbitmqctl with its arguments; returns stdout. */
     public static function ctl(string ...$args): string
     {
