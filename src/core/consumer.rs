@@ -4,8 +4,8 @@
 //! delivery reaches the callback without a runtime task in between. Settlements are sent
 //! without waiting for anything: the first poll of lapin's ack future queues the frame.
 
-use crate::core::connection::{Link, COMMAND_TIMEOUT};
 use crate::core::error::{self, Error, ErrorKind, Result};
+use crate::core::link::{Link, COMMAND_TIMEOUT};
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use futures_core::Stream;
@@ -274,11 +274,18 @@ pub struct Incoming {
 }
 
 /// The fate of a poisoned delivery that was not auto-acked.
-const DEAD_LETTERED: &str = "rejected without requeue, so the broker dead-letters it if the \
+pub(crate) const DEAD_LETTERED: &str =
+    "rejected without requeue, so the broker dead-letters it if the \
                              queue has a dead-letter exchange (and drops it if not)";
 
 /// What to tell the user about a delivery whose short strings were not UTF-8.
-fn poison_warning(fields: &[&str], tag: u64, queue: &str, endpoint: &str, fate: &str) -> String {
+pub(crate) fn poison_warning(
+    fields: &[&str],
+    tag: u64,
+    queue: &str,
+    endpoint: &str,
+    fate: &str,
+) -> String {
     format!(
         "delivery {tag} from queue '{queue}' on {endpoint} not handed to the application: its {} \
          not valid UTF-8, which AMQP requires of short strings; {fate}",
@@ -543,39 +550,6 @@ impl Consumer {
     /// The connection, for replies to the messages it delivers.
     pub(crate) fn link(&self) -> Arc<Link> {
         self.link.clone()
-    }
-}
-
-impl crate::core::connection::Connection {
-    /// One message by `basic.get`, or `None` when the queue is empty; and a warning for each
-    /// message passed over because its short strings were not UTF-8 (dead-lettered, as by
-    /// [`Consumer::next`]).
-    pub fn get(&mut self, queue: &str, auto_ack: bool) -> Result<(Option<Delivery>, Vec<String>)> {
-        let name = shortstr(queue, "queue name")?;
-        let what = format!("get a message from queue '{queue}'");
-        let mut warnings = Vec::new();
-        loop {
-            let name = name.clone();
-            let got = self.command(&what, |ch| async move {
-                ch.basic_get(name, lapin::options::BasicGetOptions { no_ack: auto_ack })
-                    .await
-            })?;
-            let Some(delivery) = got.map(|m| m.delivery) else {
-                return Ok((None, warnings));
-            };
-            let channel = self.command_channel(&what)?;
-            let tag = delivery.delivery_tag;
-            let Some(fields) = self.poisoned(&channel, tag) else {
-                return Ok((Some(delivery), warnings));
-            };
-            let fate = if auto_ack {
-                "already acknowledged (autoAck): it is lost"
-            } else {
-                settle(&delivery.acker, Settlement::Reject { requeue: false })?;
-                DEAD_LETTERED
-            };
-            warnings.push(poison_warning(&fields, tag, queue, self.endpoint(), fate));
-        }
     }
 }
 

@@ -1,9 +1,23 @@
 //! Typed errors of the core. They stay values until `src/php/exceptions.rs` turns them into
 //! PHP exceptions; every message names what was being done and with what, never a password.
 
-use crate::core::producer::Failure;
 use lapin::protocol::AMQPErrorKind;
 use std::fmt;
+
+/// A message the broker did not take: nacked, returned as unroutable, or lost with its channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its `message_id` property, if it had one.
+    pub message_id: Option<String>,
+    /// AMQP reply code when the broker gave one (312 NO_ROUTE, 404...), 0 for a nack.
+    pub reply_code: u16,
+    /// Why, in words.
+    pub reason: String,
+}
 
 /// What went wrong, in the terms the PHP exception hierarchy distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,11 +1,17 @@
 //! The AMQP core: lapin on one background Tokio runtime, with no PHP types anywhere.
 
+pub mod confirms;
+pub mod connect_options;
 pub mod connection;
 pub mod consumer;
+pub mod delay;
 pub mod error;
 pub mod frame_size;
 pub mod ids;
+pub mod link;
+pub mod poison;
 pub mod producer;
+pub mod recovery;
 pub mod retry;
 pub mod rpc;
 pub mod runtime;

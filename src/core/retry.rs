@@ -3,8 +3,8 @@
 //! attempt count in a header, until its retries are spent; then to a dead-letter queue with
 //! the reason. Each step is confirmed by the broker before the delivery is acked.
 
-use crate::core::connection::{Link, COMMAND_TIMEOUT};
 use crate::core::error::{Error, Result};
+use crate::core::link::{Link, COMMAND_TIMEOUT};
 use crate::core::producer::{Outgoing, Producer, ProducerOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;

@@ -1,10 +1,10 @@
 //! Request/reply over RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): no reply queue to
 //! declare, and replies come back on the channel the request left on.
 
-use crate::core::connection::{Connection, Link, COMMAND_TIMEOUT};
-use crate::core::error::{self, Error, ErrorKind, Result};
+use crate::core::error::{self, Error, ErrorKind, Failure, Result};
 use crate::core::ids;
-use crate::core::producer::{Failure, Outgoing};
+use crate::core::link::{Link, COMMAND_TIMEOUT};
+use crate::core::producer::Outgoing;
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use futures_core::Stream;
@@ -211,19 +211,6 @@ impl RpcClient {
             ))),
             Err(err) => Err(err),
         }
-    }
-}
-
-impl Connection {
-    /// Sends `request` and waits up to `timeout` for its reply (direct reply-to).
-    pub fn rpc(&mut self, request: Outgoing, timeout: Duration) -> Result<Delivery> {
-        self.ensure_usable("RPC")?;
-        let link = self.link_arc();
-        let client = match self.rpc_client() {
-            Some(client) if client.usable(&link) => client,
-            _ => self.set_rpc_client(RpcClient::open(&link)?),
-        };
-        client.call(&link, request, timeout)
     }
 }
 

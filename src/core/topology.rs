@@ -304,7 +304,7 @@ mod tests {
             .expect("delete");
         assert!(conn.link().transient_queue(&state.name).is_none());
 
-        let options = crate::core::connection::ConnectOptions {
+        let options = crate::core::connect_options::ConnectOptions {
             reconnect: false,
             ..Default::default()
         };

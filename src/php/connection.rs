@@ -4,7 +4,8 @@
 // PHP parameter names are camelCase (`$routingKey`) and Reflection shows them as written.
 #![allow(non_snake_case)]
 
-use crate::core::connection::{ConnectOptions, Connection as CoreConnection, TlsOptions};
+use crate::core::connect_options::{ConnectOptions, TlsOptions};
+use crate::core::connection::Connection as CoreConnection;
 use crate::core::consumer::ConsumerOptions;
 use crate::core::producer::{Outgoing, ProducerOptions};
 use crate::core::topology::{ExchangeSpec, QueueSpec};

@@ -1,8 +1,8 @@
 //! `AmqpRs\Consumer`: the worker loop that calls a PHP callable for each delivery.
 
-use crate::core::connection::COMMAND_TIMEOUT;
 use crate::core::consumer::{flush_settlements, Consumer as CoreConsumer, Settlement};
 use crate::core::error::ErrorKind;
+use crate::core::link::COMMAND_TIMEOUT;
 use crate::core::retry::{Retrier, RetryPolicy};
 use crate::core::stop_signals::StopSignals;
 use crate::php::convert::{Options, PhpArray};

@@ -1,8 +1,8 @@
 //! The `AmqpRs\*Exception` classes, and every conversion of a core error or a Rust panic into
 //! a PHP exception.
 
+use crate::core::error::Failure;
 use crate::core::error::{Error, ErrorKind};
-use crate::core::producer::Failure;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::builders::{ClassBuilder, ClassProperty, FunctionBuilder};
 use ext_php_rs::exception::{PhpException, PhpResult};

@@ -1,7 +1,7 @@
 //! `AmqpRs\Message`: a delivered message, its properties and its settlement.
 
-use crate::core::connection::Link;
 use crate::core::consumer::{settle, AckBatch, Settlement};
+use crate::core::link::Link;
 use crate::core::rpc;
 use crate::php::convert::{from_amqp_value, from_field_table, to_properties, PhpArray};
 use crate::php::exceptions::{guard, ExceptionClass};

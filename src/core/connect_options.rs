@@ -1,0 +1,95 @@
+//! How a connection is asked for: the options of the PHP `Connection` constructor, the TLS
+//! material for `amqps://`, and the URI lapin is handed for each broker of the list.
+
+use crate::core::error::{Error, Result};
+use crate::core::uri::Endpoint;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::AMQPUri;
+use std::time::Duration;
+
+/// TLS settings for `amqps://` URIs.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM file of CA certificates trusted besides the system's.
+    pub cafile: Option<String>,
+    /// PEM client certificate for mutual TLS.
+    pub certfile: Option<String>,
+    /// PEM (PKCS#8) private key of the client certificate.
+    pub keyfile: Option<String>,
+    /// Verify the broker's certificate and host name.
+    pub verify: bool,
+}
+
+/// Settings of a connection, as the PHP `Connection` options give them.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Heartbeat interval asked of the broker, in seconds; 0 turns heartbeats off.
+    pub heartbeat: u16,
+    /// Bound on TCP connect + TLS + AMQP handshake, per broker tried.
+    pub connect_timeout: Duration,
+    /// Connection name shown in the management UI.
+    pub name: Option<String>,
+    /// Automatic recovery after a lost connection.
+    pub reconnect: bool,
+    /// TLS settings, used for `amqps://` URIs.
+    pub tls: TlsOptions,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: 30,
+            connect_timeout: Duration::from_secs(5),
+            name: None,
+            reconnect: true,
+            tls: TlsOptions {
+                verify: true,
+                ..TlsOptions::default()
+            },
+        }
+    }
+}
+
+fn read_file(path: &str, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::invalid_argument(format!("cannot read TLS {what} '{path}': {e}")))
+}
+
+pub(crate) fn tls_config(tls: &TlsOptions) -> Result<OwnedTLSConfig> {
+    if !tls.verify {
+        return Err(Error::invalid_argument(
+            "tls option 'verify' => false is not supported: give the broker's CA with 'cafile' instead",
+        ));
+    }
+    let cert_chain = match &tls.cafile {
+        Some(path) => Some(
+            String::from_utf8(read_file(path, "cafile")?)
+                .map_err(|_| Error::invalid_argument(format!("TLS cafile '{path}' is not PEM")))?,
+        ),
+        None => None,
+    };
+    let identity = match (&tls.certfile, &tls.keyfile) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read_file(cert, "certfile")?,
+            key: read_file(key, "keyfile")?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(Error::invalid_argument(
+                "tls options 'certfile' and 'keyfile' go together: give both or neither",
+            ))
+        }
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+/// The URI lapin connects to for `endpoint`, with the options that travel in its query.
+pub(crate) fn prepared(endpoint: &Endpoint, options: &ConnectOptions) -> AMQPUri {
+    let mut uri = endpoint.uri.clone();
+    uri.query.heartbeat = Some(options.heartbeat);
+    uri.query.connection_timeout = Some(options.connect_timeout.as_millis() as u64);
+    uri
+}

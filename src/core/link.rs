@@ -1,0 +1,470 @@
+//! The AMQP connection itself, shared by a `Connection` and every producer, consumer and
+//! message made from it: the connect walk over the list of brokers, lapin's recovery hooked
+//! to our failover walk, the socket check, and what every channel user needs (open, await
+//! recovery, close).
+
+use crate::core::connect_options::{prepared, tls_config, ConnectOptions};
+use crate::core::error::{Error, Failure, Result};
+use crate::core::poison::PoisonLog;
+use crate::core::recovery::{
+    reconnect_socket, Attempts, RECOVERY_ATTEMPTS, RECOVERY_MAX_DELAY, RECOVERY_MIN_DELAY,
+    RECOVERY_WAIT,
+};
+use crate::core::runtime;
+use crate::core::transport::CheckedKit;
+use crate::core::uri::{self, Endpoint};
+use lapin::options::QueueDeclareOptions;
+use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, ConnectionProperties};
+use std::collections::HashMap;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// How long a single broker command (declare, bind, delete...) may take before the caller
+/// gets a `TimeoutException` instead of a hang.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `close()` waits for confirms and for the broker's close-ok: a broker still
+/// working through a burst of persistent messages answers only after them.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A publisher whose confirms `close()` waits for. A trait, so that the link need not know
+/// the producer, which is built on the link.
+pub(crate) trait Confirming: Send {
+    /// Waits up to `timeout` for every publish so far; the failures not yet reported.
+    fn wait_for_confirms(&mut self, timeout: Duration) -> Result<Vec<Failure>>;
+    /// Publishes not yet confirmed.
+    fn pending(&mut self) -> usize;
+}
+
+/// The AMQP connection itself, shared by a `Connection` and the producers made from it, so
+/// that a producer outliving its PHP `Connection` object keeps working.
+pub(crate) struct Link {
+    /// Producers made from this connection, so `close()` can wait for their confirms.
+    producers: Mutex<Vec<Weak<Mutex<dyn Confirming>>>>,
+    // ManuallyDrop: in a forked child this belongs to the parent and must be leaked, not
+    // dropped (a drop would queue a connection.close for the parent's socket).
+    inner: ManuallyDrop<lapin::Connection>,
+    /// The brokers given; `attempts.current` says which one the connection is on.
+    endpoints: Arc<Vec<Endpoint>>,
+    generation: u64,
+    closed: AtomicBool,
+    /// Deliveries whose short strings were not UTF-8, found by the socket's check.
+    poison: Arc<PoisonLog>,
+    /// Whether lapin recovers a lost connection (the `reconnect` option).
+    pub(crate) reconnect: bool,
+    /// lapin's connection attempts, to stop recovery once the user closed.
+    attempts: Arc<Attempts>,
+    /// Queues declared through this connection that a lost connection (or a broker restart)
+    /// takes away: exclusive, auto-delete or not durable. See `Link::transient_queue`.
+    transient: Mutex<HashMap<String, (QueueDeclareOptions, FieldTable)>>,
+    /// The channel `Message::reply()` publishes on, opened on first use. Leaked in a forked
+    /// child, like `inner`.
+    reply_channel: ManuallyDrop<Mutex<Option<Channel>>>,
+}
+
+impl Link {
+    /// Connects to the first URI of `uris` that accepts us, in order.
+    pub(crate) fn open(uris: &[String], options: &ConnectOptions) -> Result<Arc<Link>> {
+        if uris.is_empty() {
+            return Err(Error::invalid_argument("no broker URI given"));
+        }
+        let endpoints = uris
+            .iter()
+            .map(|u| uri::parse(u))
+            .collect::<Result<Vec<_>>>()?;
+        let tls = if endpoints
+            .iter()
+            .any(|e| e.uri.scheme == lapin::uri::AMQPScheme::AMQPS)
+        {
+            tls_config(&options.tls)?
+        } else {
+            OwnedTLSConfig::default()
+        };
+        let (handle, generation) = runtime::current()?;
+        let endpoints = Arc::new(endpoints);
+        let mut failures = Vec::new();
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            // Spawned, so lapin's io-loop thread is started from (and inherits the scheduling
+            // policy of) a runtime worker, not the PHP thread.
+            let poison = Arc::new(PoisonLog::default());
+            let attempts = Arc::new(Attempts::default());
+            attempts.current.store(index, Ordering::Release);
+            let attempt = handle.spawn(connect_one(
+                endpoints.clone(),
+                options.clone(),
+                tls.clone(),
+                handle.clone(),
+                poison.clone(),
+                attempts.clone(),
+            ));
+            // The inner timeout bounds the attempt; this outer one only guards against a
+            // runtime that stopped answering.
+            let limit = options.connect_timeout + Duration::from_secs(1);
+            match runtime::block_on(attempt, limit, &format!("connect to {}", endpoint.display))
+                .and_then(|joined| {
+                    joined.unwrap_or_else(|e| {
+                        Err(Error::connection(format!(
+                            "cannot connect to {}: {e}",
+                            endpoint.display
+                        )))
+                    })
+                }) {
+                Ok(inner) => {
+                    return Ok(Arc::new(Link {
+                        producers: Mutex::new(Vec::new()),
+                        inner: ManuallyDrop::new(inner),
+                        endpoints: endpoints.clone(),
+                        generation,
+                        closed: AtomicBool::new(false),
+                        poison,
+                        reconnect: options.reconnect,
+                        attempts,
+                        transient: Mutex::new(HashMap::new()),
+                        reply_channel: ManuallyDrop::new(Mutex::new(None)),
+                    }));
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.len() == 1 {
+            return Err(failures.remove(0));
+        }
+        let all: Vec<&str> = failures.iter().map(Error::message).collect();
+        Err(Error::connection(format!(
+            "cannot connect to any of {} brokers: {}",
+            failures.len(),
+            all.join("; ")
+        )))
+    }
+
+    /// `amqp://user@host:port/vhost` of the broker the connection is on (it changes when
+    /// recovery fails over to another one), safe to print.
+    pub(crate) fn endpoint(&self) -> &str {
+        let current = self.attempts.current.load(Ordering::Acquire);
+        self.endpoints
+            .get(current)
+            .or_else(|| self.endpoints.first())
+            .map_or("", |e| e.display.as_str())
+    }
+
+    /// Keeps `producer` on the list `close()` waits for, while it lives.
+    pub(crate) fn track(&self, producer: Weak<Mutex<dyn Confirming>>) {
+        let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        producers.retain(|p| p.strong_count() > 0);
+        producers.push(producer);
+    }
+
+    /// The producers made from this connection that still live.
+    pub(crate) fn tracked(&self) -> Vec<Arc<Mutex<dyn Confirming>>> {
+        let producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        producers.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Whether this object was made in this process (not inherited through `fork()`).
+    pub(crate) fn is_own(&self) -> bool {
+        runtime::is_current_generation(self.generation)
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.is_own() && self.inner.status().connected()
+    }
+
+    /// The error to give for any use of a connection that cannot serve.
+    pub(crate) fn ensure_usable(&self, what: &str) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is closed",
+                self.endpoint()
+            )));
+        }
+        if !self.is_own() {
+            return Err(Error::connection(format!(
+                "{what} on {}: this connection was opened by the parent process before fork(); \
+                 open a new Connection in the child",
+                self.endpoint()
+            )));
+        }
+        if !self.inner.status().connected() && !self.await_recovery() {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is lost{}",
+                self.endpoint(),
+                if self.reconnect {
+                    format!(" and could not be recovered ({RECOVERY_ATTEMPTS} attempts)")
+                } else {
+                    " (reconnect is off)".to_string()
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether a lost connection is being recovered, or already is.
+    pub(crate) fn recovers(&self) -> bool {
+        self.reconnect && self.is_own() && !self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether `channel` can be used, after waiting for its recovery if one is under way
+    /// (lapin reopens it under the same number once the connection is back).
+    pub(crate) fn channel_usable(&self, channel: &Channel) -> bool {
+        let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+        while !channel.status().connected() {
+            // Once the connection is back, a channel lapin is not reopening is closed for
+            // good: the broker closed it (404...), and lapin does not reopen those.
+            if !self.await_recovery()
+                || !channel.status().reconnecting()
+                || std::time::Instant::now() >= deadline
+            {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Waits while lapin re-establishes a lost connection; true once it is back.
+    pub(crate) fn await_recovery(&self) -> bool {
+        if !self.recovers() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+        loop {
+            let status = self.inner.status();
+            if status.connected() {
+                return true;
+            }
+            let under_way =
+                (status.reconnecting() || status.connecting()) && !self.attempts.spent();
+            if !under_way || std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Opens a new channel; `what` names the purpose in errors.
+    pub(crate) fn open_channel(&self, what: &str) -> Result<Channel> {
+        self.ensure_usable(what)?;
+        let context = format!("open a channel to {what} on {}", self.endpoint());
+        runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))
+    }
+
+    /// Opens a new channel in publisher-confirm mode; `what` names the purpose in errors.
+    pub(crate) fn open_confirm_channel(&self, what: &str) -> Result<Channel> {
+        let channel = self.open_channel(what)?;
+        let context = format!("enable publisher confirms on {}", self.endpoint());
+        runtime::block_on(
+            channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+            COMMAND_TIMEOUT,
+            &context,
+        )?
+        .map_err(|e| Error::from_lapin(&e, &context))?;
+        Ok(channel)
+    }
+
+    /// The fields of a delivery that were not UTF-8 (now `?`), if any; once per delivery.
+    pub(crate) fn poisoned(&self, channel: u16, delivery_tag: u64) -> Option<Vec<&'static str>> {
+        self.poison.take(channel, delivery_tag)
+    }
+
+    /// Closes a producer's or consumer's channel now, rather than leaving it to lapin in the
+    /// background: a channel still closing when the connection closes right after makes that
+    /// close fail ("channel is Closing").
+    pub(crate) fn close_channel(&self, channel: &Channel, what: &str) {
+        if channel.status().connected() && self.is_connected() {
+            let context = format!("close the {what} channel on {}", self.endpoint());
+            let _ = runtime::block_on(channel.close(200, "bye".into()), COMMAND_TIMEOUT, &context);
+        }
+    }
+
+    /// Records a queue declared through this connection, if losing the connection (or a
+    /// broker restart) can take it away.
+    pub(crate) fn remember_queue(
+        &self,
+        name: &str,
+        options: QueueDeclareOptions,
+        args: FieldTable,
+    ) {
+        if options.passive || (options.durable && !options.exclusive && !options.auto_delete) {
+            return;
+        }
+        let mut transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+        transient.insert(name.to_string(), (options, args));
+    }
+
+    /// Forgets a queue deleted through this connection.
+    pub(crate) fn forget_queue(&self, name: &str) {
+        let mut transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+        transient.remove(name);
+    }
+
+    /// How a queue that a lost connection takes away was declared, if it was, through this
+    /// connection. A consumer declares it again on its own channel before consuming: lapin
+    /// recovers channels one by one in no set order, so the consumer's channel may come back
+    /// before the channel the queue was declared on, and its consume would fail (404) and stop
+    /// the recovery of every other channel.
+    pub(crate) fn transient_queue(&self, name: &str) -> Option<(QueueDeclareOptions, FieldTable)> {
+        let transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+        transient.get(name).cloned()
+    }
+
+    /// The channel replies are published on (confirm mode), opened or reopened as needed.
+    pub(crate) fn reply_channel(&self) -> Result<Channel> {
+        self.ensure_usable("reply")?;
+        let mut slot = self.reply_channel.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = slot.as_ref() {
+            if self.channel_usable(channel) {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = self.open_confirm_channel("publish replies")?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).
+    pub(crate) fn blocked(&self) -> bool {
+        self.inner.status().blocked()
+    }
+
+    /// Negotiated maximum frame size.
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.inner.configuration().frame_max()
+    }
+
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if !self.is_own() {
+            return Ok(());
+        }
+        // A recovery under way gives up: its next attempt fails at once.
+        self.attempts.abandon();
+        if !self.inner.status().connected() {
+            return Ok(());
+        }
+        let context = format!("close the connection to {}", self.endpoint());
+        runtime::block_on(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)?
+            .map_err(|e| Error::from_lapin(&e, &context))
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if !self.is_own() {
+            // Inherited through fork(): the parent still uses this socket.
+            return;
+        }
+        let _ = self.close();
+        // SAFETY: dropped exactly once, here, and never used again.
+        unsafe {
+            ManuallyDrop::drop(&mut self.reply_channel);
+            ManuallyDrop::drop(&mut self.inner);
+        }
+    }
+}
+
+async fn connect_one(
+    endpoints: Arc<Vec<Endpoint>>,
+    options: ConnectOptions,
+    tls: OwnedTLSConfig,
+    handle: tokio::runtime::Handle,
+    poison: Arc<PoisonLog>,
+    attempts: Arc<Attempts>,
+) -> Result<lapin::Connection> {
+    let index = attempts.current.load(Ordering::Acquire);
+    let display = endpoints[index].display.clone();
+    let uri = prepared(&endpoints[index], &options);
+    let mut props = ConnectionProperties::default()
+        .with_client_property("product".into(), "amqp_rs".into())
+        .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
+    if let Some(name) = &options.name {
+        props = props.with_connection_name(name.as_str().into());
+    }
+    if options.reconnect {
+        // lapin reconnects, then reopens channels and replays what was declared through them
+        // (queues, exchanges, bindings, qos, confirm mode, consumers).
+        props = props.enable_auto_recover().configure_backoff(|backoff| {
+            backoff
+                .with_jitter()
+                .with_min_delay(RECOVERY_MIN_DELAY)
+                .with_max_delay(RECOVERY_MAX_DELAY)
+                .with_max_times(RECOVERY_ATTEMPTS)
+        });
+    }
+    let kit = CheckedKit::new(handle, poison);
+    let runtime = async_rs::Runtime::new(kit.clone());
+    let first = attempts.clone();
+    let connect_timeout = options.connect_timeout;
+    // lapin calls this again for each reconnection, so the check is on every socket it uses.
+    let open = async move |uri: AMQPUri, _| {
+        if attempts.abandoned.load(Ordering::Acquire) {
+            return Err(io::Error::other("connection attempt abandoned").into());
+        }
+        if attempts.established.load(Ordering::Acquire) {
+            return reconnect_socket(&endpoints, &options, &tls, &kit, &attempts).await;
+        }
+        match uri
+            .connect_with_config_async(tls.as_ref(), &kit.tokio())
+            .await
+        {
+            // Closed by the user while this attempt was under way: no ghost connection.
+            Ok(_) if attempts.abandoned.load(Ordering::Acquire) => {
+                Err(io::Error::other("connection attempt abandoned").into())
+            }
+            Ok(stream) => Ok(kit.check(stream)),
+            Err(err) => {
+                attempts.failed(&err);
+                Err(err.into())
+            }
+        }
+    };
+    let attempt = lapin::Connection::connector(uri, runtime, open, props);
+    let outcome = tokio::select! {
+        attempt = tokio::time::timeout(connect_timeout, attempt) => match attempt {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(describe_connect_error(&e, &display)),
+            // A connect that times out is still a failure to connect: ConnectionException.
+            Err(_) => Err(Error::connection(format!(
+                "cannot connect to {display}: no AMQP handshake within {:.1} s (connect_timeout)",
+                connect_timeout.as_secs_f64()
+            ))),
+        },
+        err = first.first_failure() => Err(Error::connection(format!(
+            "cannot connect to {display}: {err}"
+        ))),
+    };
+    match outcome {
+        Ok(conn) => {
+            first.established.store(true, Ordering::Release);
+            Ok(conn)
+        }
+        Err(err) => {
+            first.abandon();
+            Err(err)
+        }
+    }
+}
+
+fn describe_connect_error(err: &lapin::Error, display: &str) -> Error {
+    if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
+        let text = amqp.get_message().as_str();
+        let why = match amqp.get_id() {
+            403 => "access refused (check user name and password)",
+            530 => "not allowed (does the vhost exist, may this user use it?)",
+            _ => "refused by the broker",
+        };
+        return Error::connection(format!(
+            "cannot connect to {display}: {why}: {} {text}",
+            amqp.get_id()
+        ));
+    }
+    Error::connection(format!("cannot connect to {display}: {err}"))
+}
