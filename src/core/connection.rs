@@ -111,8 +111,7 @@ impl Connection {
     {
         let context = format!("{what} on {}", self.endpoint());
         let channel = self.command_channel(&context)?;
-        runtime::block_on(f(channel), COMMAND_TIMEOUT, &context)?
-            .map_err(|e| Error::from_lapin(&e, &context))
+        runtime::command(f(channel), COMMAND_TIMEOUT, &context)
     }
 
     /// A producer on its own channel; it shares this connection and keeps it open.

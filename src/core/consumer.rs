@@ -337,12 +337,11 @@ impl Consumer {
         };
         if !options.auto_ack {
             let context = format!("set prefetch {} on {endpoint}", options.prefetch);
-            runtime::block_on(
+            runtime::command(
                 channel.basic_qos(options.prefetch, BasicQosOptions::default()),
                 COMMAND_TIMEOUT,
                 &context,
-            )?
-            .map_err(|e| Error::from_lapin(&e, &context))?;
+            )?;
         }
         let mut arguments = options.arguments.clone();
         if let Some(priority) = options.priority {
@@ -356,12 +355,11 @@ impl Consumer {
                 // Declared on this channel too, so that its recovery re-creates the queue
                 // before it consumes from it (see Link::transient_queue).
                 let context = format!("declare queue '{}' on {endpoint}", name.as_str());
-                runtime::block_on(
+                runtime::command(
                     channel.queue_declare(name.clone(), declare, args),
                     COMMAND_TIMEOUT,
                     &context,
-                )?
-                .map_err(|e| Error::from_lapin(&e, &context))?;
+                )?;
             }
             let tag = match (&options.consumer_tag, queues.len()) {
                 (None, _) => String::new(),
@@ -376,12 +374,11 @@ impl Consumer {
                 exclusive: options.exclusive,
                 nowait: false,
             };
-            let stream = runtime::block_on(
+            let stream = runtime::command(
                 channel.basic_consume(name, tag, consume_options, arguments.clone()),
                 COMMAND_TIMEOUT,
                 &context,
-            )?
-            .map_err(|e| Error::from_lapin(&e, &context))?;
+            )?;
             consumer
                 .streams
                 .push((stream.tag().as_str().to_string(), stream));
@@ -532,12 +529,11 @@ impl Consumer {
         }
         for (tag, _) in self.streams.iter() {
             let context = format!("cancel consumer '{tag}' on {}", self.link.endpoint());
-            runtime::block_on(
+            runtime::command(
                 channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
                 COMMAND_TIMEOUT,
                 &context,
-            )?
-            .map_err(|e| Error::from_lapin(&e, &context))?;
+            )?;
         }
         Ok(())
     }

@@ -251,20 +251,18 @@ impl Link {
     pub(crate) fn open_channel(&self, what: &str) -> Result<Channel> {
         self.ensure_usable(what)?;
         let context = format!("open a channel to {what} on {}", self.endpoint());
-        runtime::block_on(self.inner.create_channel(), COMMAND_TIMEOUT, &context)?
-            .map_err(|e| Error::from_lapin(&e, &context))
+        runtime::command(self.inner.create_channel(), COMMAND_TIMEOUT, &context)
     }
 
     /// Opens a new channel in publisher-confirm mode; `what` names the purpose in errors.
     pub(crate) fn open_confirm_channel(&self, what: &str) -> Result<Channel> {
         let channel = self.open_channel(what)?;
         let context = format!("enable publisher confirms on {}", self.endpoint());
-        runtime::block_on(
+        runtime::command(
             channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
             COMMAND_TIMEOUT,
             &context,
-        )?
-        .map_err(|e| Error::from_lapin(&e, &context))?;
+        )?;
         Ok(channel)
     }
 
@@ -351,8 +349,7 @@ impl Link {
             return Ok(());
         }
         let context = format!("close the connection to {}", self.endpoint());
-        runtime::block_on(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)?
-            .map_err(|e| Error::from_lapin(&e, &context))
+        runtime::command(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)
     }
 }
 

@@ -238,12 +238,11 @@ impl Producer {
         };
         let context = format!("declare queue '{queue}' on {}", self.link.endpoint());
         let name = shortstr(queue, "queue name")?;
-        runtime::block_on(
+        runtime::command(
             channel.queue_declare(name, options, arguments),
             COMMAND_TIMEOUT,
             &context,
-        )?
-        .map_err(|e| Error::from_lapin(&e, &context))?;
+        )?;
         self.declared.insert(queue.to_string(), now);
         Ok(())
     }

@@ -57,12 +57,11 @@ impl RpcClient {
             no_ack: true,
             ..BasicConsumeOptions::default()
         };
-        let replies = runtime::block_on(
+        let replies = runtime::command(
             channel.basic_consume(REPLY_TO.into(), "".into(), options, FieldTable::default()),
             COMMAND_TIMEOUT,
             &context,
-        )?
-        .map_err(|e| Error::from_lapin(&e, &context))?;
+        )?;
         Ok(Self {
             channel,
             replies,
@@ -231,7 +230,7 @@ pub(crate) fn reply(
     }
     let channel = link.reply_channel()?;
     let routing_key = shortstr(reply_to, "reply_to")?;
-    let confirm = runtime::block_on(
+    let confirm = runtime::command(
         async move {
             channel
                 .basic_publish(
@@ -246,8 +245,7 @@ pub(crate) fn reply(
         },
         COMMAND_TIMEOUT,
         &what,
-    )?
-    .map_err(|e| Error::from_lapin(&e, &what))?;
+    )?;
     match confirm {
         Confirmation::Nack(_) => Err(Error::publish(
             &what,

@@ -124,6 +124,16 @@ pub fn block_on<F: Future>(fut: F, limit: Duration, what: &str) -> Result<F::Out
     })
 }
 
+/// Runs one lapin command from the PHP thread, bounded by `limit`; a lapin error becomes a
+/// core error whose message starts with `context` (what was done, on which broker).
+pub fn command<T>(
+    fut: impl Future<Output = lapin::Result<T>>,
+    limit: Duration,
+    context: &str,
+) -> Result<T> {
+    block_on(fut, limit, context)?.map_err(|e| Error::from_lapin(&e, context))
+}
+
 /// Wakes the PHP thread parked in `park_on`.
 struct ThreadWaker(std::thread::Thread);
 
