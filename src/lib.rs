@@ -41,6 +41,19 @@ mod module {
             info_table_row!("version", env!("CARGO_PKG_VERSION"));
             info_table_row!("lapin version", crate::core::LAPIN_VERSION);
             info_table_row!("runtime", state.as_str());
+            let pooled = crate::core::pool::info();
+            info_table_row!("persistent connections", pooled.len().to_string().as_str());
+            for (i, c) in pooled.iter().enumerate() {
+                let row = format!(
+                    "{} ({}), open {} s, {} idle channels, {} requests served",
+                    c.endpoint,
+                    if c.connected { "connected" } else { "lost" },
+                    c.age,
+                    c.idle_channels,
+                    c.served
+                );
+                info_table_row!(format!("persistent #{}", i + 1).as_str(), row.as_str());
+            }
             info_table_end!();
         });
     }
@@ -58,6 +71,19 @@ mod module {
         0
     }
 
+    /// After the request's objects are gone: pooled connections are cleaned for the next one.
+    unsafe extern "C" fn post_deactivate() -> i32 {
+        let _ = catch_unwind(crate::core::pool::end_request);
+        0
+    }
+
+    /// Process end (a php-fpm worker retiring, a CLI script's end): pooled connections are
+    /// closed properly instead of being cut when the process exits.
+    extern "C" fn shutdown(_ty: i32, _module_number: i32) -> i32 {
+        let _ = catch_unwind(crate::core::pool::close_all);
+        0
+    }
+
     #[php_module]
     pub fn get_module(module: ModuleBuilder) -> ModuleBuilder {
         module
@@ -69,5 +95,7 @@ mod module {
             .class::<connection::Connection>()
             .info_function(module_info)
             .request_startup_function(request_startup)
+            .post_deactivate_function(post_deactivate)
+            .shutdown_function(shutdown)
     }
 }

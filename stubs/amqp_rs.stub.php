@@ -42,7 +42,8 @@ final class Connection
     /**
      * @param string|list<string> $uri one amqp:// or amqps:// URI, or a list tried in order
      * @param array{heartbeat?: int, connect_timeout?: float, name?: string, reconnect?: bool,
-     *     tls?: array{cafile?: string, certfile?: string, keyfile?: string, verify?: bool}} $options
+     *     tls?: array{cafile?: string, certfile?: string, keyfile?: string, verify?: bool},
+     *     persistent?: bool} $options
      * Options: heartbeat (s, default 30; 0 accepts the broker's interval: heartbeats are kept by a
      * background thread even while PHP works, so there is no reason to turn them off),
      * connect_timeout (s, default 5, per broker tried), name (shown in the management UI),
@@ -50,7 +51,19 @@ final class Connection
      * with its channels, topology, qos and consumers; ConnectionException once 10 attempts
      * failed; see docs/recovery.md), tls (cafile: extra trusted CAs in PEM; certfile +
      * keyfile: PEM client certificate and PKCS#8 key for mutual TLS; verify: only true is
-     * supported, give the broker's CA with cafile instead of turning verification off).
+     * supported, give the broker's CA with cafile instead of turning verification off),
+     * persistent (default false; see docs/persistent.md): as PDO's persistent connections and
+     * php-amqp's pconnect(), the connection stays in this process's pool when the request ends
+     * and the next new Connection() in the same process with the same URIs, credentials, vhost
+     * and options gets it back without a handshake, with a clean publisher-confirm channel.
+     * Nothing of one request reaches the next: a producer's unconfirmed messages are waited for
+     * (or reported as an E_WARNING) when it is destroyed, consumers are cancelled and their
+     * unsettled messages go back to their queue, and the exclusive queues a request declared are
+     * deleted when it ends. Two persistent Connections with the same settings in one request
+     * share the one broker connection. A pooled connection found lost (a broker restart, an idle
+     * timeout) is replaced by a new one without an error; a forked child never uses its
+     * parent's. The name the broker shows gets " (pid N)" appended, so that each php-fpm worker's
+     * connection can be told apart.
      *
      * @throws ConnectionException when no broker of the list accepts the connection
      * @throws \InvalidArgumentException on a malformed URI or an unknown option
@@ -61,14 +74,28 @@ final class Connection
     public function isConnected(): bool {}
 
     /**
-     * Waits (at most 5 s) for the confirms of every producer of this connection, then closes
-     * it; calling it again does nothing.
+     * Waits (at most 30 s) for the confirms of every producer of this connection, then closes
+     * it; calling it again does nothing. A persistent connection is released instead: this
+     * object is closed, while the broker connection stays in the pool for the next request
+     * (closePersistent() closes it for good).
      *
      * @throws PublishException when messages were nacked, returned or left unconfirmed
      * @throws ChannelException when the broker closed a producer's channel (e.g. 404 for a
      *     missing exchange)
      */
     public function close(): void {}
+
+    /** Whether this connection was opened with 'persistent' => true and lives in the pool. */
+    public function isPersistent(): bool {}
+
+    /**
+     * Closes a persistent connection for good and takes it out of the pool (as php-amqp's
+     * pdisconnect()), after waiting for confirms as close() does; the next persistent
+     * new Connection() opens a new one. On a connection that is not persistent: close().
+     *
+     * @throws PublishException when messages were nacked, returned or left unconfirmed
+     */
+    public function closePersistent(): void {}
 
     /**
      * @param string $type direct, fanout, topic, headers or a plugin's type

@@ -175,6 +175,11 @@ impl Confirms {
         self.in_flight.len() + self.retrying.len()
     }
 
+    /// Whether the broker closed a channel of this producer and the caller was not told yet.
+    pub(crate) fn has_channel_error(&self) -> bool {
+        self.channel_error.is_some()
+    }
+
     /// Whether failures or unconfirmed publishes are waiting to be reported.
     pub(crate) fn has_unreported(&self) -> bool {
         !self.in_flight.is_empty() || !self.retrying.is_empty() || !self.failures.is_empty()

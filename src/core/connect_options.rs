@@ -33,6 +33,8 @@ pub struct ConnectOptions {
     pub reconnect: bool,
     /// TLS settings, used for `amqps://` URIs.
     pub tls: TlsOptions,
+    /// Keep the connection in the process's pool for the next request (see `pool.rs`).
+    pub persistent: bool,
 }
 
 impl Default for ConnectOptions {
@@ -46,6 +48,7 @@ impl Default for ConnectOptions {
                 verify: true,
                 ..TlsOptions::default()
             },
+            persistent: false,
         }
     }
 }

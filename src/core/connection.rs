@@ -7,6 +7,7 @@ use crate::core::consumer::{
 };
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::link::{Confirming, Link, CLOSE_TIMEOUT, COMMAND_TIMEOUT};
+use crate::core::pool;
 use crate::core::producer::{Outgoing, Producer, ProducerOptions};
 use crate::core::rpc::RpcClient;
 use crate::core::runtime;
@@ -24,16 +25,38 @@ pub struct Connection {
     channel: ManuallyDrop<Option<Channel>>,
     /// The RPC channel, opened by the first `rpc()`; leaked in a forked child too.
     rpc: ManuallyDrop<Option<RpcClient>>,
+    /// `close()` was called on a persistent connection: this object is done, while the
+    /// connection itself stays in the pool.
+    released: bool,
+    /// A `basic.get` without auto-ack ran on the command channel: the message may still be
+    /// unsettled there, so the channel is closed (the message goes back to its queue) rather
+    /// than kept for the next request.
+    got_unsettled: bool,
 }
 
 impl Connection {
-    /// Connects to the first URI of `uris` that accepts us, in order.
+    /// Connects to the first URI of `uris` that accepts us, in order; with `persistent`, the
+    /// pooled connection of the same key is used when it is still alive.
     pub fn open(uris: &[String], options: &ConnectOptions) -> Result<Connection> {
+        let (link, rpc) = if options.persistent {
+            let link = pool::checkout(uris, options)?;
+            let rpc = pool::take_rpc(&link);
+            (link, rpc)
+        } else {
+            (Link::open(uris, options)?, None)
+        };
         Ok(Connection {
-            link: Link::open(uris, options)?,
+            link,
             channel: ManuallyDrop::new(None),
-            rpc: ManuallyDrop::new(None),
+            rpc: ManuallyDrop::new(rpc),
+            released: false,
+            got_unsettled: false,
         })
+    }
+
+    /// Whether this connection is kept in the process's pool (the `persistent` option).
+    pub fn is_persistent(&self) -> bool {
+        self.link.is_persistent()
     }
 
     /// `amqp://user@host:port/vhost` of the broker we are connected to.
@@ -68,11 +91,18 @@ impl Connection {
 
     /// True while the connection is open and usable from this process.
     pub fn is_connected(&self) -> bool {
-        self.link.is_connected()
+        !self.released && self.link.is_connected()
     }
 
     /// The error to give for any use of a connection that cannot serve.
     pub fn ensure_usable(&self, what: &str) -> Result<()> {
+        if self.released {
+            return Err(Error::connection(format!(
+                "{what} on {}: the connection is closed (it stays in the pool for the next \
+                 new Connection() with the same settings)",
+                self.endpoint()
+            )));
+        }
         self.link.ensure_usable(what)
     }
 
@@ -89,7 +119,10 @@ impl Connection {
                 return Ok(channel.clone());
             }
         }
-        let channel = self.link.open_channel("send commands")?;
+        let channel = match self.link.idle().take_command() {
+            Some(channel) => channel,
+            None => self.link.open_channel("send commands")?,
+        };
         *self.channel = Some(channel.clone());
         Ok(channel)
     }
@@ -109,8 +142,8 @@ impl Connection {
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = lapin::Result<T>>,
     {
+        let channel = self.command_channel(what)?;
         let context = format!("{what} on {}", self.endpoint());
-        let channel = self.command_channel(&context)?;
         runtime::command(f(channel), COMMAND_TIMEOUT, &context)
     }
 
@@ -133,6 +166,7 @@ impl Connection {
     pub fn get(&mut self, queue: &str, auto_ack: bool) -> Result<(Option<Delivery>, Vec<String>)> {
         let name = shortstr(queue, "queue name")?;
         let what = format!("get a message from queue '{queue}'");
+        self.got_unsettled |= !auto_ack;
         let mut warnings = Vec::new();
         loop {
             let name = name.clone();
@@ -172,7 +206,54 @@ impl Connection {
     /// Waits (bounded) for the confirms of every producer made from this connection, then
     /// closes it for all of them; idempotent. Messages that were nacked, returned or never
     /// confirmed come back as one `Publish` error, after the connection is closed.
+    ///
+    /// A persistent connection is not closed but released: this object is done, and the
+    /// connection waits in the pool for the next request (see `close_persistent`).
     pub fn close(&mut self) -> Result<()> {
+        if self.released {
+            return Ok(());
+        }
+        let outcome = self.wait_for_producers();
+        if self.link.is_persistent() {
+            self.release();
+        } else {
+            self.link.close()?;
+        }
+        outcome
+    }
+
+    /// Closes a persistent connection for good and takes it out of the pool (after waiting
+    /// for confirms as `close()` does); the next `new Connection()` opens a new one.
+    pub fn close_persistent(&mut self) -> Result<()> {
+        pool::discard(&self.link);
+        let outcome = self.wait_for_producers();
+        self.release();
+        self.link.close()?;
+        outcome
+    }
+
+    /// Hands what this object holds back to the pooled connection, if clean: the command
+    /// channel and the RPC channel wait there for the next request.
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) || !self.link.is_own() {
+            return;
+        }
+        if let Some(channel) = self.channel.take() {
+            let unclean = self.got_unsettled.then_some(channel.clone());
+            if let Some(channel) = unclean.or_else(|| self.link.idle().keep_command(channel)) {
+                self.link.close_channel(&channel, "command");
+            }
+        }
+        if let Some(client) = self.rpc.take() {
+            if client.usable(&self.link) {
+                // No room (another object of this request kept one): dropped here.
+                drop(pool::keep_rpc(&self.link, client));
+            }
+        }
+    }
+
+    /// Waits for every producer made from this connection; their failures as one error.
+    fn wait_for_producers(&mut self) -> Result<()> {
         let producers = self.link.tracked();
         let mut failures = Vec::new();
         let mut unconfirmed = 0;
@@ -189,7 +270,6 @@ impl Connection {
         }
         // Acks of messages settled outside consume() (Connection::get) go out before the close.
         let _ = crate::core::consumer::flush_settlements(CLOSE_TIMEOUT);
-        self.link.close()?;
         if let Some(err) = channel_error {
             return Err(err);
         }
@@ -210,6 +290,9 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if self.link.is_persistent() {
+            self.release();
+        }
         if self.link.is_own() {
             // SAFETY: dropped exactly once, here, and never used again.
             unsafe {

@@ -5,6 +5,7 @@
 
 use crate::core::connect_options::{prepared, tls_config, ConnectOptions};
 use crate::core::error::{Error, Failure, Result};
+use crate::core::idle_channels::IdleChannels;
 use crate::core::poison::PoisonLog;
 use crate::core::recovery::{
     reconnect_socket, Attempts, RECOVERY_ATTEMPTS, RECOVERY_MAX_DELAY, RECOVERY_MIN_DELAY,
@@ -66,6 +67,10 @@ pub(crate) struct Link {
     /// The channel `Message::reply()` publishes on, opened on first use. Leaked in a forked
     /// child, like `inner`.
     reply_channel: ManuallyDrop<Mutex<Option<Channel>>>,
+    /// Clean channels left for the next producer or command; leaked in a forked child too.
+    idle: ManuallyDrop<IdleChannels>,
+    /// Kept in the process's pool between requests (the `persistent` option).
+    persistent: bool,
 }
 
 impl Link {
@@ -127,6 +132,8 @@ impl Link {
                         attempts,
                         transient: Mutex::new(HashMap::new()),
                         reply_channel: ManuallyDrop::new(Mutex::new(None)),
+                        idle: ManuallyDrop::new(IdleChannels::default()),
+                        persistent: options.persistent,
                     }));
                 }
                 Err(e) => failures.push(e),
@@ -164,6 +171,16 @@ impl Link {
     pub(crate) fn tracked(&self) -> Vec<Arc<Mutex<dyn Confirming>>> {
         let producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
         producers.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Clean channels kept open for the next producer or command.
+    pub(crate) fn idle(&self) -> &IdleChannels {
+        &self.idle
+    }
+
+    /// Whether this connection lives in the process's pool (the `persistent` option).
+    pub(crate) fn is_persistent(&self) -> bool {
+        self.persistent
     }
 
     /// Whether this object was made in this process (not inherited through `fork()`).
@@ -337,6 +354,50 @@ impl Link {
     }
 
     pub(crate) fn close(&self) -> Result<()> {
+        self.close_within(CLOSE_TIMEOUT)
+    }
+
+    /// Request end on a pooled connection: the exclusive queues the request declared are
+    /// deleted. They belong to the connection, not the request, so each request would
+    /// otherwise leave one more behind on a connection that lives as long as the worker.
+    pub(crate) fn end_request(&self) {
+        let exclusive: Vec<String> = {
+            let transient = self.transient.lock().unwrap_or_else(|p| p.into_inner());
+            transient
+                .iter()
+                .filter(|(_, (options, _))| options.exclusive)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        if exclusive.is_empty() || !self.is_connected() {
+            return;
+        }
+        let channel = match self.idle.take_command() {
+            Some(channel) => channel,
+            None => match self.open_channel("delete the request's exclusive queues") {
+                Ok(channel) => channel,
+                Err(_) => return,
+            },
+        };
+        for name in exclusive {
+            let context = format!("delete exclusive queue '{name}' on {}", self.endpoint());
+            let options = lapin::options::QueueDeleteOptions::default();
+            let deleted = runtime::command(
+                channel.queue_delete(name.as_str().into(), options),
+                COMMAND_TIMEOUT,
+                &context,
+            );
+            if deleted.is_ok() {
+                self.forget_queue(&name);
+            }
+        }
+        if let Some(channel) = self.idle.keep_command(channel) {
+            self.close_channel(&channel, "command");
+        }
+    }
+
+    /// Closes the connection, waiting at most `limit` for the broker's close-ok.
+    pub(crate) fn close_within(&self, limit: Duration) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -349,7 +410,7 @@ impl Link {
             return Ok(());
         }
         let context = format!("close the connection to {}", self.endpoint());
-        runtime::command(self.inner.close(200, "bye".into()), CLOSE_TIMEOUT, &context)
+        runtime::command(self.inner.close(200, "bye".into()), limit, &context)
     }
 }
 
@@ -363,6 +424,7 @@ impl Drop for Link {
         // SAFETY: dropped exactly once, here, and never used again.
         unsafe {
             ManuallyDrop::drop(&mut self.reply_channel);
+            ManuallyDrop::drop(&mut self.idle);
             ManuallyDrop::drop(&mut self.inner);
         }
     }
@@ -382,8 +444,8 @@ async fn connect_one(
     let mut props = ConnectionProperties::default()
         .with_client_property("product".into(), "amqp_rs".into())
         .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
-    if let Some(name) = &options.name {
-        props = props.with_connection_name(name.as_str().into());
+    if let Some(name) = connection_name(&options) {
+        props = props.with_connection_name(name.into());
     }
     if options.reconnect {
         // lapin reconnects, then reopens channels and replays what was declared through them
@@ -447,6 +509,16 @@ async fn connect_one(
             first.abandon();
             Err(err)
         }
+    }
+}
+
+/// The name the broker shows. A persistent connection's carries the pid, so that the
+/// connections of a php-fpm pool's workers can be told apart.
+fn connection_name(options: &ConnectOptions) -> Option<String> {
+    match (&options.name, options.persistent) {
+        (name, false) => name.clone(),
+        (Some(name), true) => Some(format!("{name} (pid {})", std::process::id())),
+        (None, true) => Some(format!("amqp_rs persistent (pid {})", std::process::id())),
     }
 }
 

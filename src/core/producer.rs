@@ -105,10 +105,15 @@ impl Producer {
                 return Ok(channel.clone());
             }
         }
-        let channel = if self.options.confirms {
-            self.link.open_confirm_channel("publish")?
-        } else {
-            self.link.open_channel("publish")?
+        let idle = self
+            .options
+            .confirms
+            .then(|| self.link.idle().take_confirm())
+            .flatten();
+        let channel = match idle {
+            Some(channel) => channel,
+            None if self.options.confirms => self.link.open_confirm_channel("publish")?,
+            None => self.link.open_channel("publish")?,
         };
         *self.channel = Some(channel.clone());
         self.confirms.channel_number += 1;
@@ -339,6 +344,11 @@ impl Producer {
         self.confirms.has_unreported()
     }
 
+    /// The number of the producer's channel on its connection, 0 before one is open.
+    pub fn channel_id(&self) -> u16 {
+        self.channel.as_ref().map_or(0, |c| c.id())
+    }
+
     /// False in a forked child: this producer belongs to the parent's connection.
     pub fn is_own(&self) -> bool {
         self.link.is_own()
@@ -368,8 +378,22 @@ impl Confirming for Producer {
 impl Drop for Producer {
     fn drop(&mut self) {
         if self.link.is_own() {
-            if let Some(channel) = self.channel.as_ref() {
-                self.link.close_channel(channel, "producer");
+            self.confirms.reap(&self.link);
+            if let Some(channel) = self.channel.take() {
+                // A clean confirm channel is kept for the next producer: nothing of this one
+                // (a publish awaiting its confirm, a channel error, a nack) can reach it.
+                let clean = self.options.confirms
+                    && !self.confirms.has_unreported()
+                    && !self.confirms.has_channel_error()
+                    && !self.confirms.renew_channel;
+                let unkept = if clean {
+                    self.link.idle().keep_confirm(channel)
+                } else {
+                    Some(channel)
+                };
+                if let Some(channel) = unkept {
+                    self.link.close_channel(&channel, "producer");
+                }
             }
             // SAFETY: dropped exactly once, here, and never used again.
             unsafe { ManuallyDrop::drop(&mut self.channel) };

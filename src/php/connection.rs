@@ -67,7 +67,14 @@ fn connect_options(options: &PhpArray<'_>) -> PhpResult<ConnectOptions> {
     let ctx = "Connection options";
     let opts = Options::new(
         options.table(),
-        &["heartbeat", "connect_timeout", "name", "reconnect", "tls"],
+        &[
+            "heartbeat",
+            "connect_timeout",
+            "name",
+            "reconnect",
+            "tls",
+            "persistent",
+        ],
         ctx,
     )?;
     let defaults = ConnectOptions::default();
@@ -83,6 +90,7 @@ fn connect_options(options: &PhpArray<'_>) -> PhpResult<ConnectOptions> {
         name: opts.string("name")?,
         reconnect: opts.bool("reconnect", defaults.reconnect)?,
         tls: tls_options(opts.array("tls")?)?,
+        persistent: opts.bool("persistent", defaults.persistent)?,
     })
 }
 
@@ -127,9 +135,23 @@ impl Connection {
         self.inner.is_connected()
     }
 
-    /// Closes the connection; calling it again does nothing.
+    /// Closes the connection; calling it again does nothing. A persistent connection is only
+    /// released: it stays in the pool for the next request.
     pub fn close(&mut self) -> PhpResult<()> {
         guard("AmqpRs\\Connection::close()", || Ok(self.inner.close()?))
+    }
+
+    /// Whether this connection was opened with `persistent` and lives in the process's pool.
+    pub fn is_persistent(&self) -> bool {
+        self.inner.is_persistent()
+    }
+
+    /// Closes a persistent connection for good and takes it out of the pool, as php-amqp's
+    /// `pdisconnect()`; on a connection that is not persistent, the same as `close()`.
+    pub fn close_persistent(&mut self) -> PhpResult<()> {
+        guard("AmqpRs\\Connection::closePersistent()", || {
+            Ok(self.inner.close_persistent()?)
+        })
     }
 
     /// Declares an exchange (`passive` only checks that it exists).
