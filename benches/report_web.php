@@ -74,7 +74,8 @@ function web_markdown(array $web): array
         }
     }
     $md[] = '';
-    $md[] = implode(' ', array_map(fn ($k, $sc) => "$k: {$sc['what']}.", array_keys($web['scenarios']), $web['scenarios']));
+    $md[] = implode(' ', array_map(fn ($k, $sc) => "$k: {$sc['what']}" . (substr($sc['measured'] ?? $web['when'], 0, 16) !== substr($web['when'], 0, 16)
+        ? ' (measured ' . substr($sc['measured'], 0, 16) . " at `{$sc['commit']}`)" : '') . '.', array_keys($web['scenarios']), $web['scenarios']));
     $md[] = '';
     foreach ($web['failures'] ?? [] as $f) {
         $md[] = "- failed: {$f['scenario']} {$f['client']} round {$f['round']}: " . str_replace("\n", ' ', substr($f['error'], 0, 400));

@@ -4,7 +4,7 @@
 // own configs, pid files and socket in a temp dir, 127.0.0.1 at a free high port; never
 // /etc/php nor the system nginx). Load from ab (apache2-utils), keep-alive to nginx.
 //
-//   php benches/web.php [--rounds=3] [--requests=1000] [--laravel-requests=200] [--workers=4]
+//   php benches/web.php [--rounds=3] [--requests=500] [--laravel-requests=200] [--workers=4]
 //       [--concurrency=4] [--so=PATH] [--only=W1,W2,W3] [--broker=own|shared] [--json=PATH]
 //
 //   W1  publish one persistent (delivery_mode 2) 100 B message, wait for its confirm
@@ -45,7 +45,7 @@ use AmqpRs\Tests\Support\Node;
 $opts = getopt('', ['rounds:', 'requests:', 'laravel-requests:', 'workers:', 'concurrency:', 'so:', 'only:', 'broker:', 'json:']);
 $rounds = max(1, (int) ($opts['rounds'] ?? 3));
 // ab's p99 reads past its samples below 100 requests.
-$requests = max(100, (int) ($opts['requests'] ?? 1000));
+$requests = max(100, (int) ($opts['requests'] ?? 500));
 $laravelRequests = max(100, (int) ($opts['laravel-requests'] ?? 200));
 $workers = max(1, (int) ($opts['workers'] ?? 4));
 $concurrency = max(1, (int) ($opts['concurrency'] ?? $workers));
@@ -273,6 +273,12 @@ $report = ['when' => date('c'), 'config' => ['workers' => $workers, 'pm' => 'sta
     'load' => 'ab -k (keep-alive to nginx)', 'php' => PHP_VERSION, 'nginx' => trim((string) shell_exec('/usr/sbin/nginx -v 2>&1')),
     'extension' => $so, 'commit' => trim((string) shell_exec('git -C ' . escapeshellarg(dirname(__DIR__)) . ' rev-parse --short=12 HEAD 2>/dev/null'))],
     'scenarios' => [], 'failures' => []];
+// A run of some scenarios keeps the others from the last report (each says when it was measured).
+if (isset($opts['only']) && is_file($jsonPath)) {
+    $old = json_decode((string) file_get_contents($jsonPath), true) ?: [];
+    $report['scenarios'] = array_diff_key($old['scenarios'] ?? [], array_flip($only));
+    $report['failures'] = array_values(array_filter($old['failures'] ?? [], fn ($f) => !in_array($f['scenario'], $only, true)));
+}
 $started = microtime(true);
 $report['config']['broker'] = 'the shared broker (127.0.0.1:5672): its connection counts include other clients';
 if (($opts['broker'] ?? 'own') === 'own') {
@@ -299,7 +305,7 @@ try {
             }
             $ctx['app'] ??= new LaravelApp($so);
         }
-        $entry = ['what' => $sc['what'], 'requests' => $name === 'W3' ? $laravelRequests : $requests, 'unavailable' => [], 'rounds' => []];
+        $entry = ['what' => $sc['what'], 'measured' => date('c'), 'commit' => $report['config']['commit'], 'requests' => $name === 'W3' ? $laravelRequests : $requests, 'unavailable' => [], 'rounds' => []];
         $clients = [];
         foreach ($sc['clients'] as $client => $spec) {
             if (($why = unavailable($so, $spec)) !== null) {
@@ -330,6 +336,7 @@ try {
     $ctx['app']?->remove();
     Target::$node?->stop();
 }
+ksort($report['scenarios']);
 $report['duration_s'] = round(microtime(true) - $started, 1);
 @mkdir(dirname($jsonPath), 0777, true);
 file_put_contents($jsonPath, json_encode($report, JSON_PRETTY_PRINT | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE) . "\n");
