@@ -46,6 +46,7 @@ $figures = [
 
 $rows = [];
 $failures = [];
+$loadBefore = trim((string) @file_get_contents('/proc/loadavg'));
 for ($run = 0; $run < $runs; $run++) {
     $order = $run % 2 ? array_reverse(array_keys($commands)) : array_keys($commands);
     $got = [];
@@ -98,6 +99,7 @@ $report = [
         . 'of 200. RSS (VmRSS): loading the extension against `php -n` with none; the first connection (amqp_rs: '
         . 'constructed; php-amqp: connected, with a channel and one declare); each further one: four more, each used once, '
         . 'divided by four. Ratio: amqp_rs / php-amqp.', $runs),
+    'load_average' => ['before' => $loadBefore, 'after' => trim((string) @file_get_contents('/proc/loadavg'))],
     'figures' => $figures,
     'summary' => web_summary($rows),
     'rounds' => $rows,

@@ -50,9 +50,11 @@ function web_markdown(array $web): array
         . 'pool that loads only its client (and opcache); medians of %d rounds, clients in alternating order. RSS and threads: '
         . 'per fpm worker after the run (median of the workers; threads: the most). CPU: user + system of the workers over the '
         . 'timed requests, per request. Connections and channels: opened on the broker during the measurement, warm-up '
-        . 'included, from its churn counters; broker: %s. Check: one message (W2: one call served; W3 database: one row) per request.',
+        . 'included, from its churn counters; broker: %s. Check: one message (W2: one call served; W3 database: one row) per request. '
+        . 'Load average %s before, %s after (2 cores, shared with other work: read the ratios).',
         $c['php'], $c['pm'], $c['workers'], str_replace('nginx version: ', '', $c['nginx']), $c['load'], $c['concurrency'],
-        number_format($c['requests']), number_format($c['laravel_requests']), $c['warm_up'], $c['rounds'], $c['broker'] ?? '?');
+        number_format($c['requests']), number_format($c['laravel_requests']), $c['warm_up'], $c['rounds'], $c['broker'] ?? '?',
+        explode(' ', $web['load_average']['before'] ?? '?')[0], explode(' ', $web['load_average']['after'] ?? '?')[0]);
     $md[] = '';
     $md[] = '| scenario | client | req/s | min–max | p50 ms | p99 ms | p99 min–max | fpm CPU ms/req | RSS/worker MB | threads/worker | broker connections | channels | check |';
     $md[] = '|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|';
@@ -74,7 +76,7 @@ function web_markdown(array $web): array
         }
     }
     $md[] = '';
-    $md[] = implode(' ', array_map(fn ($k, $sc) => "$k: {$sc['what']}" . (substr($sc['measured'] ?? $web['when'], 0, 16) !== substr($web['when'], 0, 16)
+    $md[] = implode(' ', array_map(fn ($k, $sc) => "$k: {$sc['what']}" . (strtotime($sc['measured'] ?? $web['when']) < strtotime($web['when'])
         ? ' (measured ' . substr($sc['measured'], 0, 16) . " at `{$sc['commit']}`)" : '') . '.', array_keys($web['scenarios']), $web['scenarios']));
     $md[] = '';
     foreach ($web['failures'] ?? [] as $f) {
@@ -87,7 +89,8 @@ function web_markdown(array $web): array
 function micro_markdown(array $micro): array
 {
     $md = [sprintf('## Micro figures: one PHP process, amqp_rs against php-amqp (measured %s at `%s`)', substr($micro['when'], 0, 16), $micro['commit'] ?? '?'), ''];
-    $md[] = $micro['method'];
+    $md[] = $micro['method'] . sprintf(' Load average %s before, %s after.', explode(' ', $micro['load_average']['before'] ?? '?')[0],
+        explode(' ', $micro['load_average']['after'] ?? '?')[0]);
     $md[] = '';
     $clients = array_keys($micro['summary']);
     $md[] = '| figure | ' . implode(' | ', $clients) . ' | min–max | ratio ' . implode(' / ', array_slice($clients, 0, 2)) . ' |';

@@ -280,6 +280,7 @@ if (isset($opts['only']) && is_file($jsonPath)) {
     $report['failures'] = array_values(array_filter($old['failures'] ?? [], fn ($f) => !in_array($f['scenario'], $only, true)));
 }
 $started = microtime(true);
+$report['load_average'] = ['before' => trim((string) @file_get_contents('/proc/loadavg'))];
 $report['config']['broker'] = 'the shared broker (127.0.0.1:5672): its connection counts include other clients';
 if (($opts['broker'] ?? 'own') === 'own') {
     try {
@@ -337,6 +338,7 @@ try {
     Target::$node?->stop();
 }
 ksort($report['scenarios']);
+$report['load_average']['after'] = trim((string) @file_get_contents('/proc/loadavg'));
 $report['duration_s'] = round(microtime(true) - $started, 1);
 @mkdir(dirname($jsonPath), 0777, true);
 file_put_contents($jsonPath, json_encode($report, JSON_PRETTY_PRINT | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE) . "\n");

@@ -42,9 +42,9 @@ final class FpmTest extends TestCase
         exec('rm -rf ' . escapeshellarg($this->docroot));
     }
 
-    private function startPool(int $workers): Fpm
+    private function startPool(int $workers, ?array $phpArgs = null): Fpm
     {
-        $this->fpm = new Fpm($this->docroot, $workers, ['extension=' . Broker::extensionPath()], ['AMQP_URI' => Broker::URI]);
+        $this->fpm = new Fpm($this->docroot, $workers, $phpArgs ?? ['extension=' . Broker::extensionPath()], ['AMQP_URI' => Broker::URI]);
         $this->fpm->start();
         return $this->fpm;
     }
@@ -73,6 +73,32 @@ final class FpmTest extends TestCase
             $conn->deleteQueue($queue);
             $conn->close();
         }
+    }
+
+    /**
+     * What the persistent-connection tests check, shown with a client that keeps its connection
+     * today (php-amqp's pconnect()): the worker's socket to the broker is the same one across
+     * requests, and it is the kernel's view (tcpConnections()), not the client's, that says so.
+     */
+    public function testTcpConnectionsSeesAWorkersBrokerConnectionOutliveItsRequest(): void
+    {
+        file_put_contents($this->docroot . '/pconnect.php', <<<'PHP'
+            <?php
+            $conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => 5672, 'login' => 'guest', 'password' => 'guest']);
+            $conn->pconnect();
+            echo getmypid();
+            PHP);
+        $fpm = $this->startPool(1, ['extension=amqp.so']);
+        [$worker] = $fpm->workerPids();
+        $this->assertSame([], Fpm::tcpConnections($worker, 5672));
+        $seen = [];
+        for ($i = 0; $i < 3; $i++) {
+            [$status, $body] = $fpm->get('/pconnect.php');
+            $this->assertSame([200, (string) $worker], [$status, $body], $fpm->logs());
+            $seen[] = Fpm::tcpConnections($worker, 5672);
+        }
+        $this->assertCount(1, $seen[0], 'one connection to the broker after the first request');
+        $this->assertSame([$seen[0], $seen[0], $seen[0]], $seen, 'the same connection (local port) after each request');
     }
 
     public function testStopEndsEveryProcessItStarted(): void

@@ -127,6 +127,34 @@ final class Fpm
         return ['rss_kb' => (int) ($rss[1] ?? 0), 'threads' => (int) ($threads[1] ?? 0)];
     }
 
+    /**
+     * The local ports of the established TCP connections that process $pid holds to
+     * 127.0.0.1:$remotePort (e.g. a worker's connections to the broker), read from /proc: what
+     * the kernel sees, not what any AMQP client says. Two requests on one worker that show the
+     * same port used the same connection.
+     *
+     * @return list<int>
+     */
+    public static function tcpConnections(int $pid, int $remotePort): array
+    {
+        $inodes = [];
+        foreach (glob("/proc/$pid/fd/*") ?: [] as $fd) {
+            if (preg_match('/^socket:\[(\d+)\]$/', (string) @readlink($fd), $m)) {
+                $inodes[$m[1]] = true;
+            }
+        }
+        $ports = [];
+        // Fields: sl local_address rem_address st ... inode (10th); addresses are hex IP:port.
+        foreach (array_slice(file("/proc/$pid/net/tcp", FILE_IGNORE_NEW_LINES) ?: [], 1) as $line) {
+            $f = preg_split('/\s+/', trim($line));
+            if (count($f) > 9 && $f[3] === '01' && $f[2] === sprintf('0100007F:%04X', $remotePort) && isset($inodes[$f[9]])) {
+                $ports[] = hexdec(substr($f[1], -4));
+            }
+        }
+        sort($ports);
+        return $ports;
+    }
+
     /** The tails of the fpm, PHP and nginx logs, for failure messages. */
     public function logs(int $lines = 20): string
     {
