@@ -119,10 +119,11 @@ function churn(): ?array
     } catch (Throwable) {
         return null;
     }
-    if (!is_string($out) || !preg_match('/\{[^,]+,(\d+),(\d+),(\d+),/', $out, $m)) {
+    // {Node, connections created, closed, channels created, closed, queues declared, created, deleted}
+    if (!is_string($out) || !preg_match('/\{[^,]+,(\d+),(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\}/', $out, $m)) {
         return null;
     }
-    return ['connections' => (int) $m[1], 'channels' => (int) $m[3]];
+    return ['connections' => (int) $m[1], 'channels' => (int) $m[3], 'queues_kept' => (int) $m[6] - (int) $m[7]];
 }
 
 /**
@@ -249,6 +250,8 @@ function measure(string $scenario, string $client, array $spec, array $ctx): arr
         'worker_threads' => max(array_column($status, 'threads')), 'cpu_ms_per_request' => $cpu / $n,
         'connections' => $before && $after ? $after['connections'] - $before['connections'] : null,
         'channels' => $before && $after ? $after['channels'] - $before['channels'] : null,
+        // Queues created and not deleted while the pool ran (W2's classic clients: reply queues).
+        'queues_kept' => $before && $after ? $after['queues_kept'] - $before['queues_kept'] : null,
         'requests' => $total, 'checked' => "$found $what"];
 }
 

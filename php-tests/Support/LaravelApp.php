@@ -10,7 +10,8 @@ namespace AmqpRs\Tests\Support;
  * an autoloader for Illuminate, App\ and the amqp-rs driver (laravel/src), a vendor/composer/
  * installed.json naming the driver's package so that Laravel's package discovery registers
  * its service provider from laravel/composer.json, an sqlite database with failed_jobs and
- * jobs, and job classes. Used by php-tests/LaravelTest.php and benches/laravel.php.
+ * jobs, job classes, and public/index.php with one route (GET /dispatch). Used by
+ * php-tests/LaravelTest.php, benches/laravel.php and benches/web.php (W3, under php-fpm).
  *
  * Settings come from the environment of each process: AMQP_URI, AMQP_QUEUE (the queue of the
  * amqp-rs and database connections), AMQP_PREFETCH, AMQP_BLOCK_FOR, AMQP_FAILED_QUEUE, and
