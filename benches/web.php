@@ -141,11 +141,15 @@ function cpuMs(array $pids): float
     return $ns / 1e6;
 }
 
-/** Runs ab; returns its requests/s, percentiles in ms and counts of failures. */
-function ab(string $url, int $n, int $c, string $dir): array
+/**
+ * Runs ab; returns its requests/s, percentiles in ms (with $timed) and counts of failures. ab's
+ * percentile table reads past its samples below 100 requests: the warm-up asks for none.
+ */
+function ab(string $url, int $n, int $c, string $dir, bool $timed = true): array
 {
     $csv = "$dir/ab.csv";
-    $cmd = implode(' ', array_map('escapeshellarg', ['/usr/bin/ab', '-q', '-k', '-s', '30', '-n', (string) $n, '-c', (string) $c, '-e', $csv, $url]));
+    $cmd = implode(' ', array_map('escapeshellarg', ['/usr/bin/ab', '-q', '-k', '-s', '30', '-n', (string) $n, '-c', (string) $c,
+        ...($timed ? ['-e', $csv] : []), $url]));
     exec("$cmd 2>&1", $out, $status);
     $text = implode("\n", $out);
     preg_match('/^Complete requests:\s+(\d+)/m', $text, $complete);
@@ -153,17 +157,17 @@ function ab(string $url, int $n, int $c, string $dir): array
     preg_match('/^Non-2xx responses:\s+(\d+)/m', $text, $non2xx);
     preg_match('/^Requests per second:\s+([\d.]+)/m', $text, $rate);
     $pct = [];
-    foreach (file($csv, FILE_IGNORE_NEW_LINES) ?: [] as $line) {
+    foreach ($timed ? file($csv, FILE_IGNORE_NEW_LINES) ?: [] : [] as $line) {
         [$p, $ms] = explode(',', $line) + [1 => ''];
         if (is_numeric($p)) {
             $pct[(int) $p] = (float) $ms;
         }
     }
-    if ($status !== 0 || !isset($complete[1], $rate[1], $pct[50], $pct[99])) {
+    if ($status !== 0 || !isset($complete[1], $rate[1]) || ($timed && !isset($pct[50], $pct[99], $pct[100]))) {
         throw new RuntimeException("ab failed ($status): $text");
     }
     return ['complete' => (int) $complete[1], 'failed' => (int) $failed[1] + (int) ($non2xx[1] ?? 0),
-        'rate' => (float) $rate[1], 'p50_ms' => $pct[50], 'p99_ms' => $pct[99], 'max_ms' => $pct[100]];
+        'rate' => (float) $rate[1], 'p50_ms' => $pct[50] ?? null, 'p99_ms' => $pct[99] ?? null, 'max_ms' => $pct[100] ?? null];
 }
 
 /** Waits until $read() returns $expect (5 s at most); returns its last value. */
@@ -210,7 +214,7 @@ function measure(string $scenario, string $client, array $spec, array $ctx): arr
         $fpm->start();
         $pids = $fpm->workerPids();
         $before = churn();
-        $warmed = ab($fpm->url($path), $warm, $concurrency, $fpm->dir);
+        $warmed = ab($fpm->url($path), $warm, $concurrency, $fpm->dir, false);
         $cpu = cpuMs($pids);
         $r = ab($fpm->url($path), $n, $concurrency, $fpm->dir);
         $cpu = cpuMs($pids) - $cpu;
