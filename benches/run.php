@@ -6,7 +6,7 @@
 //
 //   php benches/run.php [--rounds=3] [--only=P1,C1-64K,R1,M1,L1] [--clients=amqp_rs,lapin]
 //       [--count=N] [--m1-count=N] [--so=PATH] [--lapin=PATH] [--out=DIR] [--l1=run|json|off]
-//       [--l1-jobs=N] [--report-only]
+//       [--l1-jobs=N] [--web-requests=N] [--report-only]
 //
 // Scenarios (the counts are the defaults; --count=N sets every count at once, for a quick run):
 //   P1, P2, P3          publish 100 B persistent: no confirms / confirms, one wait at the end /
@@ -31,6 +31,12 @@
 //                       benches/laravel.php (when it exists) with the same --rounds and --so, and
 //                       includes results/laravel-latest.json. --l1=json only reads that file,
 //                       --l1=off leaves L1 out.
+//   W1, W2, W3          the short path, one web request through php-fpm behind nginx: publish one
+//                       message with its confirm / one RPC call / a Laravel route dispatching one
+//                       job; runs benches/web.php (its own pool per client, a RabbitMQ node of its
+//                       own) with the same --rounds and --so, and includes results/web-latest.json
+//   MICRO               round trip, connect + close, producer open, RSS and threads, amqp_rs against
+//                       php-amqp: runs benches/micro.php, includes results/micro-latest.json
 //
 // Clients: amqp_rs (--so), php-amqp (the C extension), php-amqplib (pure PHP), raw (AMQP
 // written by hand on a plain socket, clients/raw_amqp.php: a ratio it cannot reach is ruled out
@@ -56,7 +62,7 @@
 declare(strict_types=1);
 
 $opts = getopt('', ['count:', 'rounds:', 'only:', 'clients:', 'so:', 'lapin:', 'm1-count:', 'out:', 'l1:',
-    'l1-jobs:', 'report-only']);
+    'l1-jobs:', 'web-requests:', 'report-only']);
 $root = dirname(__DIR__);
 $so = $opts['so'] ?? "$root/target/release/libamqp_rs.so";
 $lapin = $opts['lapin'] ?? "$root/target/release/lapin_baseline";
@@ -371,6 +377,27 @@ if (!isset($opts['report-only'])) {
             $failures[] = ['scenario' => 'L1', 'client' => '-', 'round' => 0, 'error' => "benches/laravel.php exited $code"];
         }
     }
+
+    // W1-W3 and MICRO, by benches/web.php and benches/micro.php (other processes, their own JSON).
+    $web = array_values(array_filter(['W1', 'W2', 'W3'], $selected));
+    $children = [
+        'W' => $web ? [__DIR__ . '/web.php', '--only=' . implode(',', $web), "--rounds=$rounds", "--json=$out/web-latest.json"] : null,
+        'MICRO' => $selected('MICRO') ? [__DIR__ . '/micro.php', "--json=$out/micro-latest.json"] : null,
+    ];
+    if (isset($opts['web-requests']) && $children['W']) {
+        $children['W'][] = '--requests=' . (int) $opts['web-requests'];
+    }
+    foreach (array_filter($children) as $name => $args) {
+        $cmd = [PHP_BINARY, ...$args, '--so=' . $so];
+        progress("$name      running " . implode(' ', array_map('basename', array_slice($cmd, 1))));
+        $p = proc_open($cmd, [1 => ['pipe', 'w'], 2 => STDERR], $pipes);
+        $childOut = stream_get_contents($pipes[1]);
+        if (($code = proc_close($p)) !== 0) {
+            $notes[] = "$name: " . basename($args[0]) . " exited $code; its tables below may hold failures or be from an earlier run: "
+                . substr(trim($childOut), -300);
+            $failures[] = ['scenario' => $name, 'client' => '-', 'round' => 0, 'error' => basename($args[0]) . " exited $code"];
+        }
+    }
 }
 
 // ---- The report: results/latest.json, then latest.md and the charts drawn from it. ----
@@ -495,6 +522,8 @@ if (!isset($opts['report-only'])) {
 $report['M1'] = is_file("$out/m1-latest.json") ? json_decode((string) file_get_contents("$out/m1-latest.json"), true) : null;
 $report['L1'] = $l1Mode !== 'off' && is_file("$out/laravel-latest.json")
     ? json_decode((string) file_get_contents("$out/laravel-latest.json"), true) : null;
+$report['W'] = is_file("$out/web-latest.json") ? json_decode((string) file_get_contents("$out/web-latest.json"), true) : null;
+$report['MICRO'] = is_file("$out/micro-latest.json") ? json_decode((string) file_get_contents("$out/micro-latest.json"), true) : null;
 
 @mkdir($out, 0777, true);
 file_put_contents("$out/latest.json", json_encode($report, JSON_PRETTY_PRINT | JSON_UNESCAPED_SLASHES
@@ -625,6 +654,13 @@ if ($report['L1'] && isset($report['L1']['medians'])) {
         $md[] = "| $driver | " . implode(' | ', $cells) . ' |';
     }
     $md[] = '';
+}
+require_once __DIR__ . '/report_web.php';
+if ($report['W'] && ($report['W']['scenarios'] ?? [])) {
+    array_push($md, ...[...web_markdown($report['W']), '']);
+}
+if ($report['MICRO'] && ($report['MICRO']['summary'] ?? [])) {
+    array_push($md, ...micro_markdown($report['MICRO']));
 }
 $stale = array_filter($report['scenarios'] ?? [], fn ($sc) => substr($sc['measured'], 0, 16) !== substr($report['when'], 0, 16));
 if ($stale) {

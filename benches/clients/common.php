@@ -42,3 +42,26 @@ function rpc_measure(callable $call, int $count): void
         'mean_us' => array_sum($lat) / $count / 1e3,
     ]), "\n";
 }
+
+/** Threads of this process, from /proc/self/status. */
+function threads(): int
+{
+    preg_match('/^Threads:\s+(\d+)/m', (string) file_get_contents('/proc/self/status'), $m);
+    return (int) ($m[1] ?? 0);
+}
+
+/** The median wall time of $count calls of $call, in µs, after $warm untimed ones. */
+function median_us(callable $call, int $count, int $warm): float
+{
+    for ($i = 0; $i < $warm; $i++) {
+        $call();
+    }
+    $lat = [];
+    for ($i = 0; $i < $count; $i++) {
+        $t = hrtime(true);
+        $call();
+        $lat[] = hrtime(true) - $t;
+    }
+    sort($lat);
+    return $lat[intdiv($count, 2)] / 1e3;
+}

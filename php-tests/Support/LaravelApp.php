@@ -10,7 +10,8 @@ namespace AmqpRs\Tests\Support;
  * an autoloader for Illuminate, App\ and the amqp-rs driver (laravel/src), a vendor/composer/
  * installed.json naming the driver's package so that Laravel's package discovery registers
  * its service provider from laravel/composer.json, an sqlite database with failed_jobs and
- * jobs, and job classes. Used by php-tests/LaravelTest.php and benches/laravel.php.
+ * jobs, job classes, and public/index.php with one route (GET /dispatch). Used by
+ * php-tests/LaravelTest.php, benches/laravel.php and benches/web.php (W3, under php-fpm).
  *
  * Settings come from the environment of each process: AMQP_URI, AMQP_QUEUE (the queue of the
  * amqp-rs and database connections), AMQP_PREFETCH, AMQP_BLOCK_FOR, AMQP_FAILED_QUEUE, and
@@ -122,7 +123,7 @@ final class LaravelApp
     {
         $driver = dirname(__DIR__, 2) . '/laravel';
         $package = json_decode((string) file_get_contents($driver . '/composer.json'), true, 512, JSON_THROW_ON_ERROR);
-        foreach (['bootstrap/cache', 'config', 'app/Jobs', 'vendor/composer', 'storage/logs', 'storage/framework/cache/data'] as $sub) {
+        foreach (['bootstrap/cache', 'public', 'config', 'app/Jobs', 'vendor/composer', 'storage/logs', 'storage/framework/cache/data'] as $sub) {
             mkdir($this->dir . '/' . $sub, 0777, true);
         }
         $psr4 = [];
@@ -195,6 +196,24 @@ final class LaravelApp
                     unset($pending);  // PendingDispatch queues the job when destroyed
                 }
                 fwrite(STDOUT, json_encode(['seconds' => microtime(true) - $start, 'size' => Illuminate\Support\Facades\Queue::size()]) . "\n");
+                PHP,
+            // The web entry point (served by php-fpm in benches/web.php, W3), with one route:
+            // GET /dispatch dispatches one Noop job and answers "ok".
+            'public/index.php' => <<<'PHP'
+                <?php
+                require __DIR__ . '/../vendor/autoload.php';
+                $app = require __DIR__ . '/../bootstrap/app.php';
+                $app->singleton(Illuminate\Contracts\Http\Kernel::class, Illuminate\Foundation\Http\Kernel::class);
+                $app->booted(function ($app) {
+                    $app['router']->get('/dispatch', function () {
+                        App\Jobs\Noop::dispatch('web');
+                        return 'ok';
+                    });
+                });
+                $kernel = $app->make(Illuminate\Contracts\Http\Kernel::class);
+                $response = $kernel->handle($request = Illuminate\Http\Request::capture());
+                $response->send();
+                $kernel->terminate($request, $response);
                 PHP,
             'config/app.php' => <<<'PHP'
                 <?php
