@@ -83,6 +83,7 @@ final class LaravelTest extends TestCase
         $dispatched = $this->dispatch('WriteLine', 2, 0, "$this->work/out.txt", 'x');
 
         $this->assertSame(2, $dispatched['size'], 'Queue::size() after two dispatches');
+        $this->assertTrue($dispatched['persistent'], 'the driver dispatches over a persistent connection by default');
         $message = $this->conn->get($this->queue, true);
         $this->assertNotNull($message);
         $payload = $message->json();

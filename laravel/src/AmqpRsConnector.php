@@ -18,7 +18,8 @@ class AmqpRsConnector implements ConnectorInterface
     /**
      * @param array{uri?: string|list<string>, queue?: string, exchange?: string,
      *     exchange_type?: string, options?: array, prefetch?: int, block_for?: float|int|null,
-     *     queue_arguments?: array, failed_queue?: bool|string|null, after_commit?: bool} $config
+     *     queue_arguments?: array, failed_queue?: bool|string|null, after_commit?: bool,
+     *     persistent?: bool} $config
      */
     public function connect(array $config)
     {

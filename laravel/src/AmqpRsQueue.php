@@ -76,7 +76,12 @@ class AmqpRsQueue extends Queue implements QueueContract, ClearableQueue
         if (!is_string($this->uri) && !(is_array($this->uri) && array_is_list($this->uri) && $this->uri !== [])) {
             throw new InvalidArgumentException("amqp-rs queue: 'uri' must be a URI or a list of URIs");
         }
-        $this->options = ($config['options'] ?? []) + ['name' => 'laravel-queue'];
+        // Persistent by default: under php-fpm each worker keeps one connection for all the
+        // requests it serves instead of a handshake per dispatch (see docs/persistent.md).
+        $this->options = ($config['options'] ?? []) + [
+            'name' => 'laravel-queue',
+            'persistent' => (bool) ($config['persistent'] ?? true),
+        ];
         $this->default = (string) ($config['queue'] ?? 'default');
         $this->exchange = (string) ($config['exchange'] ?? '');
         $this->exchangeType = (string) ($config['exchange_type'] ?? 'direct');

@@ -170,8 +170,8 @@ final class LaravelApp
                 exit($status);
                 PHP,
             // php dispatch.php <job> <count> [delay s] [args...]: dispatches from a plain script
-            // (with DISPATCH_BULK=1: all in one Queue::bulk()); prints the time it took and
-            // Queue::size() after.
+            // (with DISPATCH_BULK=1: all in one Queue::bulk()); prints the time it took,
+            // Queue::size() after, and whether the driver's connection is persistent.
             'dispatch.php' => <<<'PHP'
                 <?php
                 require __DIR__ . '/vendor/autoload.php';
@@ -195,7 +195,9 @@ final class LaravelApp
                     }
                     unset($pending);  // PendingDispatch queues the job when destroyed
                 }
-                fwrite(STDOUT, json_encode(['seconds' => microtime(true) - $start, 'size' => Illuminate\Support\Facades\Queue::size()]) . "\n");
+                $queue = Illuminate\Support\Facades\Queue::connection();
+                fwrite(STDOUT, json_encode(['seconds' => microtime(true) - $start, 'size' => $queue->size(),
+                    'persistent' => $queue->getConnection()->isPersistent()]) . "\n");
                 PHP,
             // The web entry point (served by php-fpm in benches/web.php, W3), with one route:
             // GET /dispatch dispatches one Noop job and answers "ok".
