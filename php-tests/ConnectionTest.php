@@ -120,7 +120,25 @@ final class ConnectionTest extends TestCase
         $info = ob_get_clean();
         $this->assertStringContainsString('version => 0.', $info);
         $this->assertMatchesRegularExpression('/lapin version => 4\.\d+\.\d+/', $info);
-        $this->assertMatchesRegularExpression('/runtime => running \(pid ' . getmypid() . ', 2 worker threads/', $info);
+        $this->assertMatchesRegularExpression('/runtime => running \(pid ' . getmypid() . ', 1 worker thread, /', $info);
+    }
+
+    public function testAProcessWithOneConnectionRunsThreeThreadsAndOneMorePerConnection(): void
+    {
+        // Run in a fresh PHP: this one may hold other tests' connections and lapin threads.
+        $script = <<<'PHP'
+            $threads = fn () => (int) preg_replace('/.*^Threads:\s+(\d+).*/ms', '$1', file_get_contents('/proc/self/status'));
+            $a = new AmqpRs\Connection($argv[1]);
+            $one = $threads();
+            $b = new AmqpRs\Connection($argv[1]);
+            echo $one, ' ', $threads();
+            PHP;
+        exec(sprintf('%s -n -d extension=%s -r %s %s 2>&1', PHP_BINARY, escapeshellarg(Broker::extensionPath()),
+            escapeshellarg($script), escapeshellarg(Broker::URI)), $out, $code);
+        $this->assertSame(0, $code, implode("\n", $out));
+        // The PHP thread, the runtime's one worker (no blocking-pool thread for a lookup of an
+        // IP address), and lapin's io-loop thread per connection.
+        $this->assertSame('3 4', implode("\n", $out));
     }
 
     public function testPhpRiShowsTheRuntimeNotStartedBeforeAnyConnection(): void

@@ -471,7 +471,7 @@ async fn connect_one(
             return reconnect_socket(&endpoints, &options, &tls, &kit, &attempts).await;
         }
         match uri
-            .connect_with_config_async(tls.as_ref(), &kit.tokio())
+            .connect_with_config_async(tls.as_ref(), &kit.connector(&uri.authority.host))
             .await
         {
             // Closed by the user while this attempt was under way: no ghost connection.

@@ -14,6 +14,7 @@ pub mod poison;
 pub mod pool;
 pub mod producer;
 pub mod recovery;
+pub mod resolve;
 pub mod retry;
 pub mod rpc;
 pub mod runtime;

@@ -62,7 +62,7 @@ async fn walk_endpoints(
         if !same_login(&base, &uri) {
             continue;
         }
-        let reactor = kit.tokio();
+        let reactor = kit.connector(&uri.authority.host);
         let connect = uri.connect_with_config_async(tls.as_ref(), &reactor);
         match tokio::time::timeout(options.connect_timeout, connect).await {
             Ok(Ok(stream)) => {

@@ -14,8 +14,9 @@ use std::time::Duration;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 /// Worker threads of the runtime: lapin runs one io-loop OS thread per connection besides,
-/// so the runtime only drives heartbeats, RPC bookkeeping and our own tasks.
-const WORKER_THREADS: usize = 2;
+/// so the runtime only drives the sockets' readiness, heartbeats, lapin's RPC bookkeeping and
+/// our own tasks. One is enough for that, and a php-fpm pool multiplies every thread.
+const WORKER_THREADS: usize = 1;
 
 struct State {
     pid: u32,
@@ -50,12 +51,15 @@ fn build(pid: u32) -> Result<Runtime> {
 /// The handle of this process's runtime and its generation, building it on first use and
 /// again in a forked child.
 pub fn current() -> Result<(Handle, u64)> {
-    let pid = std::process::id();
     let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
     match state.as_ref() {
-        Some(s) if s.pid == pid => return Ok((s.runtime.handle().clone(), s.generation)),
+        // The fork counter, not getpid(): this runs on every call that waits.
+        Some(s) if is_current_generation(s.generation) => {
+            return Ok((s.runtime.handle().clone(), s.generation))
+        }
         _ => {}
     }
+    let pid = std::process::id();
     let generation = match state.take() {
         Some(parent) => {
             // The parent's runtime has no threads here; dropping it would block on them.
@@ -126,12 +130,19 @@ pub fn block_on<F: Future>(fut: F, limit: Duration, what: &str) -> Result<F::Out
 
 /// Runs one lapin command from the PHP thread, bounded by `limit`; a lapin error becomes a
 /// core error whose message starts with `context` (what was done, on which broker).
+///
+/// The PHP thread polls the command itself and parks between polls: lapin's io-loop thread
+/// resolves it, so neither a runtime worker nor the runtime's timer wheel is involved (a
+/// `block_on` with a timeout registers a timer and wakes through the runtime's park).
 pub fn command<T>(
     fut: impl Future<Output = lapin::Result<T>>,
     limit: Duration,
     context: &str,
 ) -> Result<T> {
-    block_on(fut, limit, context)?.map_err(|e| Error::from_lapin(&e, context))
+    let (handle, _) = current()?;
+    // lapin may spawn on the runtime from inside a command; it finds the runtime this way.
+    let _runtime = handle.enter();
+    park_on(fut, limit, context)?.map_err(|e| Error::from_lapin(&e, context))
 }
 
 /// Wakes the PHP thread parked in `park_on`.

@@ -19,6 +19,7 @@ use futures_io::{AsyncRead, AsyncWrite};
 use lapin::tcp::AsyncTcpStream;
 
 use crate::core::poison::{PoisonLog, Scanner};
+use crate::core::resolve::ConnectKit;
 
 /// A stream whose incoming frames go through a [`Scanner`] before the reader sees them.
 #[derive(Debug)]
@@ -271,9 +272,10 @@ impl CheckedKit {
         }
     }
 
-    /// The plain tokio kit, to open the socket (and TLS) with.
-    pub(crate) fn tokio(&self) -> async_rs::Runtime<Tokio> {
-        async_rs::Runtime::new(self.tokio.clone())
+    /// The plain tokio kit (but for lookups, see `resolve.rs`), to open the socket to `host`
+    /// (and TLS) with.
+    pub(crate) fn connector(&self, host: &str) -> async_rs::Runtime<ConnectKit> {
+        ConnectKit::runtime(self.tokio.clone(), host)
     }
 
     /// Puts the check in front of an open socket.
