@@ -5,6 +5,8 @@
 //!   lapin_baseline publish P1|P2|P3 COUNT SIZE QUEUE
 //!   lapin_baseline consume C1|C2 COUNT QUEUE
 //!   lapin_baseline rpc R1 COUNT SIZE QUEUE
+//!   lapin_baseline roundtrip RT COUNT QUEUE    (passive declares, one after another)
+//!   lapin_baseline connect CC COUNT            (connect and close, one after another)
 //!
 //! Prints one JSON line, like the PHP clients: elapsed seconds, client CPU µs (every thread).
 
@@ -177,6 +179,38 @@ async fn rpc(count: usize, size: usize, queue: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// COUNT passive declares of QUEUE one after another: the round trip of `queueStatus()`.
+async fn roundtrip(count: usize, queue: &str) -> Result<(), Failure> {
+    let conn = Connection::connect(URI, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let (start, cpu) = (Instant::now(), cpu_us());
+    for _ in 0..count {
+        channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await?;
+    }
+    let (elapsed, cpu) = (start.elapsed().as_secs_f64(), cpu_us() - cpu);
+    conn.close(200, "bye".into()).await?;
+    println!("{{\"elapsed\":{elapsed},\"cpu_us\":{cpu}}}");
+    Ok(())
+}
+
+/// COUNT connections opened and closed one after another.
+async fn connect_close(count: usize) -> Result<(), Failure> {
+    let (start, cpu) = (Instant::now(), cpu_us());
+    for _ in 0..count {
+        let conn = Connection::connect(URI, ConnectionProperties::default()).await?;
+        conn.close(200, "bye".into()).await?;
+    }
+    let (elapsed, cpu) = (start.elapsed().as_secs_f64(), cpu_us() - cpu);
+    println!("{{\"elapsed\":{elapsed},\"cpu_us\":{cpu}}}");
+    Ok(())
+}
+
 fn main() -> Result<(), Failure> {
     let args: Vec<String> = std::env::args().collect();
     let side = arg(&args, 1)?;
@@ -196,6 +230,8 @@ fn main() -> Result<(), Failure> {
             let size: usize = arg(&args, 4)?.parse()?;
             runtime.block_on(rpc(count, size, arg(&args, 5)?))
         }
-        _ => Err(format!("unknown side '{side}' (publish, consume or rpc)").into()),
+        "roundtrip" => runtime.block_on(roundtrip(count, arg(&args, 4)?)),
+        "connect" => runtime.block_on(connect_close(count)),
+        _ => Err(format!("unknown side '{side}' (publish, consume, rpc or roundtrip)").into()),
     }
 }
