@@ -43,7 +43,7 @@ mod module {
             // The engine refuses a module built for another API; this row says which one it was.
             let api = ext_php_rs::ffi::ZEND_MODULE_API_NO.to_string();
             info_table_row!("PHP API (built for)", api.as_str());
-            info_table_row!("git commit", env!("AMQP_RS_GIT_COMMIT"));
+            info_table_row!("git commit", crate::core::build_commit());
             info_table_row!("runtime", state.as_str());
             let pooled = crate::core::pool::info();
             info_table_row!("persistent connections", pooled.len().to_string().as_str());
