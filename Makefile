@@ -34,8 +34,11 @@ install: $(SO)
 	for dir in $(CONF_DIRS); do echo "extension=amqp_rs.so" > "$$dir/30-amqp_rs.ini"; done
 	@echo "installed $(EXTENSION_DIR)/amqp_rs.so: check with php --ri amqp_rs"
 
-# php<ver>-amqp-rs_<version>_<arch>.deb in target/deb, from the release build (never a second one).
+# php<ver>-amqp-rs_<version>_<arch>.deb in target/deb, from the release build (never a second
+# one). cargo build is a no-op when the .so is current; it relinks when only HEAD moved, so that
+# the commit the package names (php --ri amqp_rs) is the one it was built from.
 deb: $(SO)
+	cargo build --release
 	scripts/deb.sh --php-config $(DEB_PHP_CONFIG) --so $(SO)
 
 lint:

@@ -1,6 +1,10 @@
 //! Records what `php --ri amqp_rs` shows about the build: the lapin version from Cargo.lock,
 //! and the git commit the extension was built from ("unknown" from a tarball without .git;
 //! AMQP_RS_GIT_COMMIT overrides both, for builds from an exported tree).
+//!
+//! Only release builds (what `make` and the Debian package ship) record the commit: watching
+//! git makes Cargo rebuild the crate after every commit, which debug, test and clippy builds
+//! need not pay for; they say "unknown".
 
 use std::path::Path;
 use std::process::Command;
@@ -35,6 +39,9 @@ fn git(args: &[&str]) -> Option<String> {
 fn git_commit() -> String {
     if let Ok(commit) = std::env::var("AMQP_RS_GIT_COMMIT") {
         return commit;
+    }
+    if std::env::var("PROFILE").as_deref() != Ok("release") {
+        return "unknown".to_string();
     }
     // A tarball unpacked inside some other repository must not report that repository's commit.
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
