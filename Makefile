@@ -4,7 +4,11 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SO        := target/release/libamqp_rs.so
 PHP       ?= php
 PHP_EXT   := $(PHP) -d extension=$(CURDIR)/$(SO)
-SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs')
+# The release .so names the commit it was built from (build.rs, php --ri amqp_rs): a commit
+# that moves HEAD makes it stale too. Nothing is added outside a git checkout (a tarball).
+GIT_REFS  := $(wildcard $(shell git rev-parse -q --git-path HEAD 2>/dev/null) \
+               $(shell git rev-parse -q --git-path "$$(git symbolic-ref -q HEAD)" 2>/dev/null))
+SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs') $(GIT_REFS)
 # Where `make install` puts the .so and its ini file (override both to install elsewhere).
 EXTENSION_DIR ?= $(shell php-config --extension-dir 2>/dev/null)
 CONF_DIRS     ?= $(wildcard /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d)
@@ -34,11 +38,8 @@ install: $(SO)
 	for dir in $(CONF_DIRS); do echo "extension=amqp_rs.so" > "$$dir/30-amqp_rs.ini"; done
 	@echo "installed $(EXTENSION_DIR)/amqp_rs.so: check with php --ri amqp_rs"
 
-# php<ver>-amqp-rs_<version>_<arch>.deb in target/deb, from the release build (never a second
-# one). cargo build is a no-op when the .so is current; it relinks when only HEAD moved, so that
-# the commit the package names (php --ri amqp_rs) is the one it was built from.
+# php<ver>-amqp-rs_<version>_<arch>.deb in target/deb, from the release build (never a second one).
 deb: $(SO)
-	cargo build --release
 	scripts/deb.sh --php-config $(DEB_PHP_CONFIG) --so $(SO)
 
 lint:
