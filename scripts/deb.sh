@@ -44,7 +44,8 @@ field() { sed -n "s/^$1 *= *\"\(.*\)\"/\1/p" Cargo.toml | head -n1; }
 version=$(field version)
 license=$(field license)
 homepage=$(field homepage)
-summary=$(field description)
+# Debian's synopsis starts without an article.
+synopsis=$(field description | sed -E 's/^(A|An|The) //')
 commit=$(grep -aoE -m1 'amqp_rs-commit=[^;]{1,64};' "$so" | head -n1 | sed 's/^[^=]*=//; s/;$//' || true)
 arch=$(dpkg --print-architecture)
 glibc=$(grep -aoE 'GLIBC_2\.[0-9]+' "$so" | sort -uV | tail -n1 | cut -d_ -f2)
@@ -73,7 +74,7 @@ Upstream-Name: amqp_rs
 Source: $homepage
 
 Files: *
-Copyright: amqp_rs contributors
+Copyright: $(date -u +%Y) amqp_rs contributors
 License: $license
 EOF
 if [ "$license" = MIT ]; then
@@ -95,6 +96,15 @@ if [ "$license" = MIT ]; then
 EOF
 fi
 
+maintainer="amqp_rs maintainers <maintainers@amqp-rs.invalid>"
+gzip -9n >"$stage/usr/share/doc/$package/changelog.gz" <<EOF
+$package ($version) unstable; urgency=medium
+
+  * amqp_rs $version for PHP $php_version, built from commit ${commit:-unknown}.
+
+ -- $maintainer  $(date -u -R)
+EOF
+
 scripts/deb-maintscripts.sh "$php_ver" "$stage/DEBIAN"
 
 size_kib=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
@@ -102,7 +112,7 @@ cat >"$stage/DEBIAN/control" <<EOF
 Package: $package
 Version: $version
 Architecture: $arch
-Maintainer: amqp_rs maintainers <maintainers@amqp-rs.invalid>
+Maintainer: $maintainer
 Installed-Size: $size_kib
 Pre-Depends: php-common (>= 2:69~)
 Depends: php$php_ver-common, phpapi-$phpapi, libc6 (>= $glibc), libgcc-s1 (>= 4.2)
@@ -111,14 +121,16 @@ Section: php
 Priority: optional
 Homepage: $homepage
 License: $license
-Description: $summary
- amqp_rs gives PHP native classes (namespace AmqpRs) for RabbitMQ: connections with
- automatic recovery and cluster failover, a producer with pipelined publisher confirms,
- consumers with graceful stop on signals, RPC, retries and delayed messages.
+Description: $synopsis
+ amqp_rs gives PHP native classes (namespace AmqpRs) for RabbitMQ:
+ connections with automatic recovery and cluster failover, a producer
+ with pipelined publisher confirms, consumers with graceful stop on
+ signals, RPC, retries and delayed messages.
  .
- This package is built for PHP $php_version (module API $phpapi) from amqp_rs
- commit ${commit:-unknown}. It needs no Rust toolchain: the extension is one .so,
- enabled for every installed SAPI (cli, fpm, ...) with phpenmod.
+ This package is built for PHP $php_version (module API $phpapi) from
+ amqp_rs commit ${commit:-unknown}. It needs no Rust toolchain: the
+ extension is one .so, enabled for every installed SAPI (cli, fpm, ...)
+ with phpenmod. License: $license.
 EOF
 
 (cd "$stage" && find . -type f ! -path './DEBIAN/*' -printf '%P\0' | sort -z | xargs -0 md5sum) \
