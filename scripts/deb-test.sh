@@ -6,7 +6,8 @@
 # an overlay on it, thrown away at the end, so every case starts from the clean root. The host's
 # network is shared, so the root's PHP reaches the host's broker at 127.0.0.1:5672.
 # If another run left a PHP 8.4 root at /var/cache/amqp-rs/sid (the newest-stack matrix), the
-# PHP 8.2 package and .so are also tried there, through an overlay too (it is never written).
+# PHP 8.2 package and .so are also tried there, through an overlay too (it is never written),
+# and that run's PHP 8.4 build, when there is one, is packaged and installed there.
 #
 #   scripts/deb-test.sh [DEB]      default target/deb/php8.2-amqp-rs_*_amd64.deb
 # Closes with 'N passed, N failed, N skipped'; exits non-zero when anything failed. VERBOSE=1
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 deb=${1:-$(ls -t target/deb/php8.2-amqp-rs_*_amd64.deb 2>/dev/null | head -n1)}
 so=target/release/libamqp_rs.so
 sid=${AMQP_RS_SID_ROOT:-/var/cache/amqp-rs/sid}
+sid_so=${AMQP_RS_SID_SO:-/var/cache/amqp-rs/sid-target/release/libamqp_rs.so}   # its 8.4 build
 passed=0 failed=0 skipped=0
 work=$(mktemp -d /var/tmp/amqp-rs-deb-test.XXXXXX)
 mounts=()
@@ -93,6 +95,7 @@ ri_shows_build() {
   # In a checkout, the package must name the commit checked out (make rebuilds when HEAD moves).
   commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
   echo "$info"
+  echo "expected: git commit => $commit (the checkout; make deb rebuilds a stale .so)"
   grep -q '^amqp_rs support => enabled' <<<"$info" &&
     grep -q '^PHP API (built for) => 20220829' <<<"$info" &&
     grep -q "^git commit => $commit\$" <<<"$info"
@@ -170,6 +173,18 @@ sid_php_refuses_82_so() {
     grep -q 'php still runs' <<<"$out"
 }
 
+# php8.4-amqp-rs from the matrix run's PHP 8.4 build: installs and works in the PHP 8.4 root.
+sid_installs_84() {
+  local pkg out
+  pkg=$(scripts/deb.sh --php-config "$sid/usr/bin/php-config8.4" --so "$sid_so" --out "$work/deb84") ||
+    return 1
+  dpkg-deb -f "$pkg" Package Depends
+  apt_install "$s" "$pkg" || return 1
+  out=$(in_root "$s" php8.4 --ri amqp_rs) || return 1
+  grep -q '^amqp_rs support => enabled' <<<"$out" || { echo "$out"; return 1; }
+  cp php-tests/deb/roundtrip.php "$s/tmp/" && in_root "$s" php8.4 /tmp/roundtrip.php
+}
+
 # --- run ----------------------------------------------------------------------------------
 [ -f "$deb" ] || { echo "not ok - no package: run make deb first"; failed=1; exit 1; }
 [ -f "$so" ] || { echo "not ok - no $so: run make build first"; failed=1; exit 1; }
@@ -194,7 +209,13 @@ if [ -x "$sid/usr/bin/php8.4" ] && [ -x "$sid/usr/bin/apt-get" ] && overlay sid 
   s=$top && in_root "$s" php8.4 -v >/dev/null 2>&1; then
   check "apt refuses the php8.2 package in the PHP 8.4 root" sid_refuses_82
   check "PHP 8.4 refuses the 8.2 .so with its API-mismatch message, no crash" sid_php_refuses_82_so
+  if [ -x "$sid/usr/bin/php-config8.4" ] && [ -f "$sid_so" ]; then
+    check "php8.4-amqp-rs (from $sid_so) installs and round-trips in the PHP 8.4 root" sid_installs_84
+  else
+    skip "php8.4-amqp-rs: no PHP 8.4 build at $sid_so"
+  fi
 else
   skip "PHP 8.4 cases: no usable PHP 8.4 root at $sid"
   skip "PHP 8.4 refuses the 8.2 .so: no PHP 8.4 root"
+  skip "php8.4-amqp-rs: no PHP 8.4 root"
 fi
