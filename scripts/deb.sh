@@ -48,7 +48,10 @@ homepage=$(field homepage)
 synopsis=$(field description | sed -E 's/^(A|An|The) //')
 commit=$(grep -aoE -m1 'amqp_rs-commit=[^;]{1,64};' "$so" | head -n1 | sed 's/^[^=]*=//; s/;$//' || true)
 arch=$(dpkg --print-architecture)
-glibc=$(grep -aoE 'GLIBC_2\.[0-9]+' "$so" | sort -uV | tail -n1 | cut -d_ -f2)
+# The newest glibc symbol version the .so asks for is the libc6 it needs (what dpkg-shlibdeps
+# would find, without needing dpkg-dev).
+glibc=$(grep -aoE 'GLIBC_2\.[0-9]+' "$so" | sort -uV | tail -n1 | cut -d_ -f2 || true)
+[ -n "$glibc" ] || fail "$so asks for no GLIBC_2.x symbol version: is it a glibc build?"
 package="php$php_ver-amqp-rs"
 deb="$out/${package}_${version}_${arch}.deb"
 
