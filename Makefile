@@ -4,12 +4,19 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SO        := target/release/libamqp_rs.so
 PHP       ?= php
 PHP_EXT   := $(PHP) -d extension=$(CURDIR)/$(SO)
-SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs')
+# The release .so names the commit it was built from (build.rs, php --ri amqp_rs): a commit
+# that moves HEAD makes it stale too. Nothing is added outside a git checkout (a tarball).
+GIT_REFS  := $(wildcard $(shell git rev-parse -q --git-path HEAD 2>/dev/null) \
+               $(shell git rev-parse -q --git-path "$$(git symbolic-ref -q HEAD)" 2>/dev/null))
+SOURCES   := Cargo.toml Cargo.lock build.rs $(shell find src -name '*.rs') $(GIT_REFS)
 # Where `make install` puts the .so and its ini file (override both to install elsewhere).
 EXTENSION_DIR ?= $(shell php-config --extension-dir 2>/dev/null)
 CONF_DIRS     ?= $(wildcard /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d)
+# The PHP `make deb` packages for. A build made elsewhere (e.g. in a PHP 8.4 root) is packaged
+# with scripts/deb.sh --php-config ROOT/usr/bin/php-config8.4 --so THAT_BUILD.so --out DIR.
+DEB_PHP_CONFIG ?= php-config
 
-.PHONY: all build deps broker install test test-rust test-php lint demo bench soak clean
+.PHONY: all build deps broker install deb test test-rust test-php test-deb lint demo bench soak clean
 
 all: build
 
@@ -31,6 +38,10 @@ install: $(SO)
 	for dir in $(CONF_DIRS); do echo "extension=amqp_rs.so" > "$$dir/30-amqp_rs.ini"; done
 	@echo "installed $(EXTENSION_DIR)/amqp_rs.so: check with php --ri amqp_rs"
 
+# php<ver>-amqp-rs_<version>_<arch>.deb in target/deb, from the release build (never a second one).
+deb: $(SO)
+	scripts/deb.sh --php-config $(DEB_PHP_CONFIG) --so $(SO)
+
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
@@ -41,11 +52,16 @@ test-rust: broker
 test-php: broker $(SO)
 	$(PHP_EXT) /usr/bin/phpunit -c php-tests/phpunit.xml
 
+# The package installed, used and removed in a clean Debian 12 root (made once per machine).
+test-deb: broker deb
+	scripts/deb-test.sh
+
 test: deps broker
 	$(MAKE) build
 	$(MAKE) lint
 	$(MAKE) test-rust
 	$(MAKE) test-php
+	$(MAKE) test-deb
 
 demo: deps broker
 	$(MAKE) build

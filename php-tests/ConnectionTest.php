@@ -141,6 +141,22 @@ final class ConnectionTest extends TestCase
         $this->assertSame('3 4', implode("\n", $out));
     }
 
+    public function testPhpInfoShowsThePhpApiAndCommitOfTheBuild(): void
+    {
+        ob_start();
+        (new ReflectionExtension('amqp_rs'))->info();
+        $info = ob_get_clean();
+        ob_start();
+        phpinfo(INFO_GENERAL);
+        $general = ob_get_clean();
+        $this->assertMatchesRegularExpression('/^PHP Extension => (\d{8})$/m', $general);
+        preg_match('/^PHP Extension => (\d{8})$/m', $general, $api);
+        // The module API it was built for is the one of the PHP running it, or PHP would refuse it.
+        $this->assertStringContainsString("PHP API (built for) => {$api[1]}\n", $info);
+        // A release build from a checkout names its commit; from a tarball, 'unknown'.
+        $this->assertMatchesRegularExpression('/^git commit => ([0-9a-f]{12}|unknown)$/m', $info);
+    }
+
     public function testPhpRiShowsTheRuntimeNotStartedBeforeAnyConnection(): void
     {
         $cmd = sprintf('%s -d extension=%s --ri amqp_rs 2>&1', PHP_BINARY, escapeshellarg(Broker::extensionPath()));

@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(
   php8.2-cli php8.2-dev php8.2-mbstring php8.2-xml libclang-dev clang
   phpunit rabbitmq-server php8.2-amqp php-amqplib php-laravel-framework php8.2-sqlite3 php8.2-gd
-  php8.2-fpm nginx apache2-utils
+  php8.2-fpm nginx apache2-utils debootstrap
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -57,6 +57,10 @@ mod module {
             info_table_row!("amqp_rs support", "enabled");
             info_table_row!("version", env!("CARGO_PKG_VERSION"));
             info_table_row!("lapin version", crate::core::LAPIN_VERSION);
+            // The engine refuses a module built for another API; this row says which one it was.
+            let api = ext_php_rs::ffi::ZEND_MODULE_API_NO.to_string();
+            info_table_row!("PHP API (built for)", api.as_str());
+            info_table_row!("git commit", crate::core::build_commit());
             info_table_row!("runtime", state.as_str());
             let pooled = crate::core::pool::info();
             info_table_row!("persistent connections", pooled.len().to_string().as_str());

@@ -26,3 +26,14 @@ pub mod uri;
 
 /// The lapin version this build links, for `php --ri amqp_rs`.
 pub const LAPIN_VERSION: &str = env!("AMQP_RS_LAPIN_VERSION");
+
+/// The git commit this build comes from, between markers that stay whole in the .so, so
+/// scripts/deb.sh reads the commit of the very file it packages (`amqp_rs-commit=...;`).
+pub const BUILD_COMMIT_MARKED: &str = concat!("amqp_rs-commit=", env!("AMQP_RS_GIT_COMMIT"), ";");
+
+/// The git commit this build comes from ("unknown" when built without .git), for `php --ri`.
+pub fn build_commit() -> &'static str {
+    BUILD_COMMIT_MARKED
+        .trim_start_matches("amqp_rs-commit=")
+        .trim_end_matches(';')
+}
