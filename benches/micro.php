@@ -34,7 +34,8 @@ $commands = [
 $figures = [
     'round_trip_us' => 'round trip on an open connection (passive queue declare), µs',
     'connect_close_us' => 'connect + close, µs',
-    'producer_us' => 'producer open + drop (php-amqp: channel + confirmSelect), µs',
+    'producer_new_us' => 'producer open, a new channel (the earlier ones held; php-amqp: channel + confirmSelect), µs',
+    'producer_us' => 'producer open + drop, as a request does (amqp_rs may reuse the dropped one\'s channel), µs',
     'rss_extension_mb' => 'RSS added by loading the extension, MB',
     'rss_first_mb' => 'RSS added by the first connection, MB',
     'rss_further_mb' => 'RSS added by each further connection, MB',
@@ -72,6 +73,7 @@ for ($run = 0; $run < $runs; $run++) {
         $rows[$client][] = [
             'round_trip_us' => $r['round_trip_us'],
             'connect_close_us' => $r['connect_close_us'],
+            'producer_new_us' => $r['producer_new_us'],
             'producer_us' => $r['producer_us'],
             'rss_extension_mb' => ($r['rss_loaded_kb'] - $got['none']['rss_loaded_kb']) / 1024,
             'rss_first_mb' => ($r['rss_first_kb'] - $r['rss_loaded_kb']) / 1024,
@@ -95,8 +97,8 @@ $report = [
     'extension' => $so,
     'method' => sprintf('Each figure: the median of %d runs (min–max beside it), each run a fresh `php -n` process per client '
         . 'loading only that client, against the shared broker. Timings are medians within a run: round trip of 2 000 '
-        . 'calls (amqp_rs `queueStatus()`, php-amqp a passive `declareQueue()`), connect + close of 30, producer open + drop '
-        . 'of 200. RSS (VmRSS): loading the extension against `php -n` with none; the first connection (amqp_rs: '
+        . 'calls (amqp_rs `queueStatus()`, php-amqp a passive `declareQueue()`), connect + close of 30, producer open '
+        . 'of 100 held at once, producer open + drop of 200. RSS (VmRSS): loading the extension against `php -n` with none; the first connection (amqp_rs: '
         . 'constructed; php-amqp: connected, with a channel and one declare); each further one: four more, each used once, '
         . 'divided by four. Ratio: amqp_rs / php-amqp.', $runs),
     'load_average' => ['before' => $loadBefore, 'after' => trim((string) @file_get_contents('/proc/loadavg'))],

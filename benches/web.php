@@ -12,7 +12,8 @@
 //       afresh for each measurement): amqp_rs Connection::rpc() (direct reply-to), the others
 //       the classic RPC (an exclusive auto-delete reply queue, a correlation id)
 //   W3  a Laravel route (GET /dispatch, php-tests/Support/LaravelApp.php) that dispatches one
-//       job: amqp-rs driver against the database driver (sqlite)
+//       job: amqp-rs driver (its default, persistent, and with persistent off) against the
+//       database driver (sqlite)
 //
 // Clients of W1 and W2: amqp_rs (a new Connection per request), amqp_rs persistent
 // (['persistent' => true]), php-amqp connect(), php-amqp pconnect(), php-amqplib. A client whose
@@ -82,6 +83,8 @@ $scenarios = [
     'W2' => ['what' => 'one request: connect, one RPC call (100 B each way) to a server process', 'clients' => $amqpClients],
     'W3' => ['what' => 'one request to a Laravel route that dispatches one job (Laravel ' . LaravelApp::version() . ')', 'clients' => [
         'amqp-rs driver' => ['lib' => 'laravel', 'connection' => 'amqp-rs', 'php' => [...$laravelExtensions, "extension=$so"]],
+        'amqp-rs driver, persistent off' => ['lib' => 'laravel', 'connection' => 'amqp-rs', 'persistent' => false,
+            'php' => [...$laravelExtensions, "extension=$so"]],
         'database driver (sqlite)' => ['lib' => 'laravel', 'connection' => 'database', 'php' => $laravelExtensions],
     ]],
 ];
@@ -192,7 +195,8 @@ function measure(string $scenario, string $client, array $spec, array $ctx): arr
         $docroot = $ctx['app']->dir . '/public';
         $php = $spec['php'];
         $path = '/dispatch';
-        $env = ['AMQP_URI' => Target::$uri, 'AMQP_QUEUE' => $queue, 'QUEUE_CONNECTION' => $spec['connection']];
+        $env = ['AMQP_URI' => Target::$uri, 'AMQP_QUEUE' => $queue, 'QUEUE_CONNECTION' => $spec['connection'],
+            'AMQP_PERSISTENT' => ($spec['persistent'] ?? true) ? '1' : '0'];
         $ctx['app']->pdo()->exec('DELETE FROM jobs');
     } else {
         $docroot = __DIR__ . '/web';

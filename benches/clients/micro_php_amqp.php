@@ -37,6 +37,12 @@ $out['connect_close_us'] = median_us(function () use ($params) {
     $c->disconnect();
 }, 30, 3);
 $conn = $first->getConnection();
+$held = [];
+$out['producer_new_us'] = median_us(function () use ($conn, &$held) {
+    $held[] = $ch = new AMQPChannel($conn);
+    $ch->confirmSelect();
+}, 100, 0);
+$held = [];
 $out['producer_us'] = median_us(function () use ($conn) {
     $ch = new AMQPChannel($conn);
     $ch->confirmSelect();

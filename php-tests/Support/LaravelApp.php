@@ -16,7 +16,7 @@ namespace AmqpRs\Tests\Support;
  * Settings come from the environment of each process: AMQP_URI, AMQP_QUEUE (the queue of the
  * amqp-rs and database connections), AMQP_PREFETCH, AMQP_BLOCK_FOR, AMQP_FAILED_QUEUE, and
  * AMQP_DEAD_LETTER (a queue the default exchange dead-letters rejected jobs to),
- * AMQP_CONNECTION_NAME and QUEUE_CONNECTION.
+ * AMQP_CONNECTION_NAME, AMQP_PERSISTENT (0: the driver's persistent setting off) and QUEUE_CONNECTION.
  */
 final class LaravelApp
 {
@@ -251,6 +251,7 @@ final class LaravelApp
                             'queue' => env('AMQP_QUEUE', 'default'),
                             'options' => ['name' => env('AMQP_CONNECTION_NAME', 'laravel-test'), 'heartbeat' => 30],
                             'prefetch' => (int) env('AMQP_PREFETCH', 10),
+                            'persistent' => (bool) env('AMQP_PERSISTENT', true),
                             'block_for' => (float) env('AMQP_BLOCK_FOR', 0),
                             'failed_queue' => env('AMQP_FAILED_QUEUE') ?: null,
                             'queue_arguments' => env('AMQP_DEAD_LETTER')
