@@ -95,31 +95,24 @@ impl Link {
         let endpoints = Arc::new(endpoints);
         let mut failures = Vec::new();
         for (index, endpoint) in endpoints.iter().enumerate() {
-            // Spawned, so lapin's io-loop thread is started from (and inherits the scheduling
-            // policy of) a runtime worker, not the PHP thread.
             let poison = Arc::new(PoisonLog::default());
             let attempts = Arc::new(Attempts::default());
             attempts.current.store(index, Ordering::Release);
-            let attempt = handle.spawn(connect_one(
+            // Driven by the PHP thread itself, no hand-off to a runtime worker and back.
+            let attempt = connect_one(
                 endpoints.clone(),
                 options.clone(),
                 tls.clone(),
                 handle.clone(),
                 poison.clone(),
                 attempts.clone(),
-            ));
+            );
             // The inner timeout bounds the attempt; this outer one only guards against a
             // runtime that stopped answering.
             let limit = options.connect_timeout + Duration::from_secs(1);
             match runtime::block_on(attempt, limit, &format!("connect to {}", endpoint.display))
-                .and_then(|joined| {
-                    joined.unwrap_or_else(|e| {
-                        Err(Error::connection(format!(
-                            "cannot connect to {}: {e}",
-                            endpoint.display
-                        )))
-                    })
-                }) {
+                .and_then(|attempt| attempt)
+            {
                 Ok(inner) => {
                     return Ok(Arc::new(Link {
                         producers: Mutex::new(Vec::new()),

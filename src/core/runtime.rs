@@ -42,7 +42,6 @@ fn build(pid: u32) -> Result<Runtime> {
     Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .thread_name(format!("amqp-rs-{pid}"))
-        .on_thread_start(background_policy)
         .enable_all()
         .build()
         .map_err(|e| Error::other(format!("cannot start the amqp_rs runtime: {e}")))
@@ -102,16 +101,6 @@ pub fn is_current_generation(generation: u64) -> bool {
     generation != 0
         && CURRENT.load(Ordering::Acquire) == generation
         && CURRENT_FORKS.load(Ordering::Acquire) == FORKS.load(Ordering::Acquire)
-}
-
-/// SCHED_BATCH for our background threads (and lapin's io-loop threads, which inherit it when
-/// spawned from a worker): a batch thread woken by the PHP thread does not preempt it, so a
-/// run of publishes is written in bursts instead of ping-ponging one message at a time
-/// between two threads.
-fn background_policy() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; failure only leaves the default policy.
-    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
 
 /// Runs `fut` on the runtime from the (non-runtime) PHP thread, waiting at most `limit`;
