@@ -34,6 +34,11 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// working through a burst of persistent messages answers only after them.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a wait for the connection's state goes without rechecking it.
+const STATE_RECHECK: Duration = Duration::from_millis(100);
+/// How often a channel that lapin is reopening after a recovery is looked at again.
+const CHANNEL_RECOVERY_SLICE: Duration = Duration::from_millis(5);
+
 /// A publisher whose confirms `close()` waits for. A trait, so that the link need not know
 /// the producer, which is built on the link.
 pub(crate) trait Confirming: Send {
@@ -114,6 +119,8 @@ impl Link {
                 .and_then(|attempt| attempt)
             {
                 Ok(inner) => {
+                    let events = Box::pin(inner.events_listener());
+                    handle.spawn(attempts.changes.clone().forward(events));
                     return Ok(Arc::new(Link {
                         producers: Mutex::new(Vec::new()),
                         inner: ManuallyDrop::new(inner),
@@ -224,6 +231,7 @@ impl Link {
     pub(crate) fn channel_usable(&self, channel: &Channel) -> bool {
         let deadline = std::time::Instant::now() + RECOVERY_WAIT;
         while !channel.status().connected() {
+            let seen = self.attempts.changes.seen();
             // Once the connection is back, a channel lapin is not reopening is closed for
             // good: the broker closed it (404...), and lapin does not reopen those.
             if !self.await_recovery()
@@ -232,7 +240,8 @@ impl Link {
             {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            // lapin announces no channel's return: a short slice, cut short by any event.
+            self.attempts.changes.wait(seen, CHANNEL_RECOVERY_SLICE);
         }
         true
     }
@@ -244,16 +253,22 @@ impl Link {
         }
         let deadline = std::time::Instant::now() + RECOVERY_WAIT;
         loop {
+            let seen = self.attempts.changes.seen();
             let status = self.inner.status();
             if status.connected() {
                 return true;
             }
             let under_way =
                 (status.reconnecting() || status.connecting()) && !self.attempts.spent();
-            if !under_way || std::time::Instant::now() >= deadline {
+            let now = std::time::Instant::now();
+            if !under_way || now >= deadline {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Woken by lapin's Connected event or a failed attempt; the slice only guards
+            // against a change that came without one.
+            self.attempts
+                .changes
+                .wait(seen, (deadline - now).min(STATE_RECHECK));
         }
     }
 
@@ -334,6 +349,14 @@ impl Link {
         let channel = self.open_confirm_channel("publish replies")?;
         *slot = Some(channel.clone());
         Ok(channel)
+    }
+
+    /// Waits for the connection's state to change (see `state_changes.rs`), at most `limit`
+    /// and never longer than a short slice: a change just before the call goes unseen here,
+    /// so the caller rechecks the state after each wait.
+    pub(crate) fn wait_for_change(&self, limit: Duration) {
+        let seen = self.attempts.changes.seen();
+        self.attempts.changes.wait(seen, limit.min(STATE_RECHECK));
     }
 
     /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).

@@ -19,6 +19,7 @@ pub mod retry;
 pub mod rpc;
 pub mod runtime;
 pub mod shortstr;
+pub mod state_changes;
 pub mod stop_signals;
 pub mod topology;
 pub mod transport;

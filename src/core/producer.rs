@@ -266,7 +266,9 @@ impl Producer {
                     self.options.blocked_timeout.as_secs_f64()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Woken by lapin's connection.unblocked event.
+            self.link
+                .wait_for_change(deadline.saturating_duration_since(Instant::now()));
         }
         Ok(())
     }

@@ -3,13 +3,14 @@
 //! broker after the one last used, and counts what lapin does not report (spent attempts).
 
 use crate::core::connect_options::{prepared, ConnectOptions};
+use crate::core::state_changes::StateChanges;
 use crate::core::transport::{CheckedKit, CheckedStream};
 use crate::core::uri::Endpoint;
 use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Recovery: reconnection attempts, each after an exponential, jittered delay between these.
@@ -42,6 +43,8 @@ pub(crate) async fn reconnect_socket(
         attempts.recovery_failures.store(0, Ordering::Release);
     } else {
         attempts.recovery_failures.fetch_add(1, Ordering::AcqRel);
+        // A waiter rechecks whether lapin has spent its attempts.
+        attempts.changes.changed();
     }
     outcome
 }
@@ -98,6 +101,8 @@ pub(crate) struct Attempts {
     pub(crate) abandoned: AtomicBool,
     pub(crate) failure: Mutex<Option<String>>,
     pub(crate) notify: tokio::sync::Notify,
+    /// Wakes the threads waiting for the connection to come back (or for recovery to fail).
+    pub(crate) changes: Arc<StateChanges>,
 }
 
 impl Attempts {
