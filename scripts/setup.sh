@@ -6,6 +6,8 @@ packages=(
   php8.2-cli php8.2-dev php8.2-mbstring php8.2-xml libclang-dev clang
   phpunit rabbitmq-server php8.2-amqp php-amqplib php-laravel-framework php8.2-sqlite3 php8.2-gd
   php8.2-fpm nginx apache2-utils debootstrap
+  php-symfony-messenger php-symfony-console php-symfony-framework-bundle php-symfony-yaml
+  php-symfony-amqp-messenger php-symfony-doctrine-messenger php-doctrine-dbal php-doctrine-persistence
 )
 missing=()
 for p in "${packages[@]}"; do

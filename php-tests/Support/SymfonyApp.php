@@ -185,6 +185,8 @@ final class SymfonyApp
                 ];
                 PHP,
             'config/services.yaml' => <<<'YAML'
+                parameters:
+                    env(MESSENGER_MAX_RETRIES): '2'
                 services:
                     _defaults:
                         autowire: true
@@ -219,7 +221,7 @@ final class SymfonyApp
                             async:
                                 dsn: '%env(MESSENGER_TRANSPORT_DSN)%'
                                 retry_strategy:
-                                    max_retries: 2
+                                    max_retries: '%env(int:MESSENGER_MAX_RETRIES)%'
                                     delay: 1000
                                     multiplier: 2
                             failed: '%env(MESSENGER_FAILED_DSN)%'
