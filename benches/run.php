@@ -4,9 +4,9 @@
 // amqp_rs is built on, used directly: what the PHP layer costs). Writes
 // benches/results/latest.json, latest.md and the charts throughput.png, cpu.png, latency.png.
 //
-//   php benches/run.php [--rounds=3] [--only=P1,C1-64K,R1,M1,L1] [--clients=amqp_rs,lapin]
+//   php benches/run.php [--rounds=3] [--only=P1,C1-64K,R1,M1,L1,S1] [--clients=amqp_rs,lapin]
 //       [--count=N] [--m1-count=N] [--so=PATH] [--lapin=PATH] [--out=DIR] [--l1=run|json|off]
-//       [--l1-jobs=N] [--web-requests=N] [--report-only]
+//       [--l1-jobs=N] [--web-requests=N] [--s1=run|json|off] [--s1-messages=N] [--report-only]
 //
 // Scenarios (the counts are the defaults; --count=N sets every count at once, for a quick run):
 //   P1, P2, P3          publish 100 B persistent: no confirms / confirms, one wait at the end /
@@ -37,6 +37,10 @@
 //                       own) with the same --rounds and --so, and includes results/web-latest.json
 //   MICRO               round trip, connect + close, producer open, RSS and threads, amqp_rs against
 //                       php-amqp: runs benches/micro.php, includes results/micro-latest.json
+//   S1                  Symfony messenger:consume, amqp-rs transport against Symfony's AMQP
+//                       transport (php-amqp) and its Doctrine transport (sqlite): runs
+//                       benches/symfony.php likewise (results/symfony-latest.json); --s1=json
+//                       only reads that file, --s1=off leaves S1 out.
 //
 // Clients: amqp_rs (--so), php-amqp (the C extension), php-amqplib (pure PHP), raw (AMQP
 // written by hand on a plain socket, clients/raw_amqp.php: a ratio it cannot reach is ruled out
@@ -62,13 +66,14 @@
 declare(strict_types=1);
 
 $opts = getopt('', ['count:', 'rounds:', 'only:', 'clients:', 'so:', 'lapin:', 'm1-count:', 'out:', 'l1:',
-    'l1-jobs:', 'web-requests:', 'report-only']);
+    'l1-jobs:', 'web-requests:', 's1:', 's1-messages:', 'report-only']);
 $root = dirname(__DIR__);
 $so = $opts['so'] ?? "$root/target/release/libamqp_rs.so";
 $lapin = $opts['lapin'] ?? "$root/target/release/lapin_baseline";
 $rounds = max(1, (int) ($opts['rounds'] ?? 3));
 $out = rtrim($opts['out'] ?? __DIR__ . '/results', '/');
 $l1Mode = $opts['l1'] ?? 'run';
+$s1Mode = $opts['s1'] ?? 'run';
 $only = isset($opts['only']) ? explode(',', $opts['only']) : null;
 $m1Count = (int) ($opts['m1-count'] ?? 1_000_000);
 
@@ -362,19 +367,23 @@ if (!isset($opts['report-only'])) {
         $notes[] = 'could not delete the bench queues: ' . $e->getMessage();
     }
 
-    // L1: Laravel, by benches/laravel.php (another process, its own rounds and JSON).
-    $laravel = __DIR__ . '/laravel.php';
-    if ($selected('L1') && $l1Mode === 'run' && is_file($laravel)) {
-        $cmd = [PHP_BINARY, $laravel, "--rounds=$rounds", '--so=' . $so, "--json=$out/laravel-latest.json"];
-        if (isset($opts['l1-jobs'])) {
-            $cmd[] = '--jobs=' . (int) $opts['l1-jobs'];
+    // L1 and S1: Laravel and Symfony workers, by benches/laravel.php and benches/symfony.php
+    // (other processes, with their own rounds and JSON).
+    foreach ([['L1', $l1Mode, 'laravel', '--jobs=', 'l1-jobs'], ['S1', $s1Mode, 'symfony', '--messages=', 's1-messages']] as [$scenario, $mode, $script, $countFlag, $countOpt]) {
+        $path = __DIR__ . "/$script.php";
+        if (!$selected($scenario) || $mode !== 'run' || !is_file($path)) {
+            continue;
         }
-        progress('L1     running ' . implode(' ', array_slice($cmd, 1)));
+        $cmd = [PHP_BINARY, $path, "--rounds=$rounds", '--so=' . $so, "--json=$out/$script-latest.json"];
+        if (isset($opts[$countOpt])) {
+            $cmd[] = $countFlag . (int) $opts[$countOpt];
+        }
+        progress("$scenario     running " . implode(' ', array_slice($cmd, 1)));
         $p = proc_open($cmd, [1 => ['pipe', 'w'], 2 => STDERR], $pipes);
-        $l1Out = stream_get_contents($pipes[1]);
+        $frameworkOut = stream_get_contents($pipes[1]);
         if (($code = proc_close($p)) !== 0) {
-            $notes[] = "L1: benches/laravel.php exited $code; the table below, if any, is from an earlier run: " . trim($l1Out);
-            $failures[] = ['scenario' => 'L1', 'client' => '-', 'round' => 0, 'error' => "benches/laravel.php exited $code"];
+            $notes[] = "$scenario: benches/$script.php exited $code; the table below, if any, is from an earlier run: " . trim($frameworkOut);
+            $failures[] = ['scenario' => $scenario, 'client' => '-', 'round' => 0, 'error' => "benches/$script.php exited $code"];
         }
     }
 
@@ -524,6 +533,8 @@ $report['L1'] = $l1Mode !== 'off' && is_file("$out/laravel-latest.json")
     ? json_decode((string) file_get_contents("$out/laravel-latest.json"), true) : null;
 $report['W'] = is_file("$out/web-latest.json") ? json_decode((string) file_get_contents("$out/web-latest.json"), true) : null;
 $report['MICRO'] = is_file("$out/micro-latest.json") ? json_decode((string) file_get_contents("$out/micro-latest.json"), true) : null;
+$report['S1'] = $s1Mode !== 'off' && is_file("$out/symfony-latest.json")
+    ? json_decode((string) file_get_contents("$out/symfony-latest.json"), true) : null;
 
 @mkdir($out, 0777, true);
 file_put_contents("$out/latest.json", json_encode($report, JSON_PRETTY_PRINT | JSON_UNESCAPED_SLASHES
@@ -632,28 +643,35 @@ if ($report['M1']) {
     }
     $md[] = '';
 }
-if ($report['L1'] && isset($report['L1']['medians'])) {
-    $l1 = $report['L1'];
-    $md[] = sprintf('## L1: Laravel `queue:work`, amqp-rs driver against the database driver (measured %s)', substr($l1['when'] ?? '?', 0, 16));
-    $md[] = '';
-    if (isset($l1['config'])) {
-        $md[] = implode('; ', array_map(fn ($k, $v) => "$k: " . (is_scalar($v) ? $v : json_encode($v)), array_keys($l1['config']), $l1['config'])) . '.';
+/** The markdown table of a framework bench's JSON (L1, S1): its config, then medians (min–max). */
+function frameworkTable(array $bench, string $title, string $first): array
+{
+    $md = [sprintf('## %s (measured %s)', $title, substr($bench['when'] ?? '?', 0, 16)), ''];
+    if (isset($bench['config'])) {
+        $md[] = implode('; ', array_map(fn ($k, $v) => "$k: " . (is_scalar($v) ? $v : json_encode($v)), array_keys($bench['config']), $bench['config'])) . '.';
         $md[] = '';
     }
-    $keys = array_keys(reset($l1['medians']));
-    $md[] = '| driver | ' . implode(' | ', array_map(fn ($k) => str_replace('_', ' ', $k), $keys)) . ' |';
+    $keys = array_keys(reset($bench['medians']));
+    $md[] = "| $first | " . implode(' | ', array_map(fn ($k) => str_replace('_', ' ', $k), $keys)) . ' |';
     $md[] = '|---|' . str_repeat('--:|', count($keys));
-    foreach ($l1['medians'] as $driver => $row) {
+    foreach ($bench['medians'] as $name => $row) {
         $cells = [];
         foreach ($keys as $k) {
             $v = $row[$k] ?? null;
-            $col = array_column($l1['rounds'][$driver] ?? [], $k);
+            $col = array_column($bench['rounds'][$name] ?? [], $k);
             $num = fn ($x) => is_numeric($x) ? ($x >= 100 ? number_format((float) $x) : (string) round((float) $x, 3)) : (string) $x;
             $cells[] = $v === null ? '–' : $num($v) . (count($col) > 1 ? ' (' . $num(min($col)) . '–' . $num(max($col)) . ')' : '');
         }
-        $md[] = "| $driver | " . implode(' | ', $cells) . ' |';
+        $md[] = "| $name | " . implode(' | ', $cells) . ' |';
     }
     $md[] = '';
+    return $md;
+}
+if ($report['L1'] && isset($report['L1']['medians'])) {
+    array_push($md, ...frameworkTable($report['L1'], 'L1: Laravel `queue:work`, amqp-rs driver against the database driver', 'driver'));
+}
+if (($report['S1'] ?? null) && isset($report['S1']['medians'])) {
+    array_push($md, ...frameworkTable($report['S1'], "S1: Symfony `messenger:consume`, amqp-rs transport against Symfony's AMQP and Doctrine transports", 'transport'));
 }
 require_once __DIR__ . '/report_web.php';
 if ($report['W'] && ($report['W']['scenarios'] ?? [])) {

@@ -38,6 +38,13 @@ final class SymfonyApp
         return null;
     }
 
+    /** Whether Debian's Doctrine DBAL, Persistence and Messenger's Doctrine bridge are installed. */
+    public static function hasDoctrine(): bool
+    {
+        return is_file(self::SYMFONY . '/Component/Messenger/Bridge/Doctrine/autoload.php')
+            && is_file('/usr/share/php/Doctrine/DBAL/autoload.php') && is_file('/usr/share/php/Doctrine/Persistence/autoload.php');
+    }
+
     /** The Symfony version the application runs on. */
     public static function version(): string
     {
@@ -89,6 +96,19 @@ final class SymfonyApp
             $psr4[$prefix] = "$package/$path";
         }
         $files = self::files() + self::messages();
+        if (self::hasDoctrine()) {
+            // Only for the bench's doctrine:// transport (DoctrineBundle is not in Debian 12):
+            // a registry of one sqlite connection, and Messenger's Doctrine transport factory.
+            $files['config/services.yaml'] .= "\n" . <<<'YAML'
+                    App\Doctrine\Registry:
+                        arguments: ['%env(default::MESSENGER_SQLITE)%']
+                    Symfony\Component\Messenger\Bridge\Doctrine\Transport\DoctrineTransportFactory:
+                        arguments: ['@App\Doctrine\Registry']
+                        tags: [messenger.transport_factory]
+                YAML;
+        } else {
+            unset($files['src/Doctrine/Registry.php']);
+        }
         foreach ($files as $path => $content) {
             $content = str_replace('PSR4', var_export($psr4, true), $content);
             file_put_contents($this->dir . '/' . $path, $content . "\n");
@@ -193,17 +213,10 @@ final class SymfonyApp
                         autoconfigure: true
                     App\:
                         resource: '../src/'
-                        exclude: '../src/{Kernel.php,Message}'
+                        exclude: '../src/{Kernel.php,Message,Doctrine}'
                     app.bus:
                         alias: messenger.default_bus
                         public: true
-                    # Only for the bench's doctrine:// transport (Symfony's DoctrineBundle is not
-                    # in Debian 12): a registry of one sqlite connection, and the factory.
-                    App\Doctrine\Registry:
-                        arguments: ['%env(default::MESSENGER_SQLITE)%']
-                    Symfony\Component\Messenger\Bridge\Doctrine\Transport\DoctrineTransportFactory:
-                        arguments: ['@App\Doctrine\Registry']
-                        tags: [messenger.transport_factory]
                 YAML,
             'config/packages/framework.yaml' => <<<'YAML'
                 framework:

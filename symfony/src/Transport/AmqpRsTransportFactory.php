@@ -15,7 +15,7 @@ use Symfony\Component\Messenger\Transport\TransportInterface;
  */
 final class AmqpRsTransportFactory implements TransportFactoryInterface
 {
-    public function createTransport(string $dsn, array $options, SerializerInterface $serializer): TransportInterface
+    public function createTransport(#[\SensitiveParameter] string $dsn, array $options, SerializerInterface $serializer): TransportInterface
     {
         if (!extension_loaded('amqp_rs')) {
             throw new LogicException('The amqp-rs transport needs the amqp_rs extension: load it in php.ini (extension=amqp_rs.so; php --ri amqp_rs checks it).');
@@ -23,7 +23,7 @@ final class AmqpRsTransportFactory implements TransportFactoryInterface
         return new AmqpRsTransport(Connection::fromDsn($dsn, $options), $serializer);
     }
 
-    public function supports(string $dsn, array $options): bool
+    public function supports(#[\SensitiveParameter] string $dsn, array $options): bool
     {
         return Dsn::supports($dsn);
     }

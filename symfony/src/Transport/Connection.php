@@ -37,7 +37,7 @@ final class Connection
     {
     }
 
-    public static function fromDsn(string $dsn, array $options = []): self
+    public static function fromDsn(#[\SensitiveParameter] string $dsn, array $options = []): self
     {
         return new self(new Dsn($dsn, $options));
     }
@@ -237,7 +237,7 @@ final class Connection
         try {
             $how();
         } catch (AmqpException $e) {
-            if ($this->connection !== null && !$this->connection->isConnected() || $e instanceof ConnectionException) {
+            if ($e instanceof ConnectionException || ($this->connection !== null && !$this->connection->isConnected())) {
                 // Delivered on a channel lost since: the broker has put it back already and
                 // delivers it again; settling it now is neither possible nor needed.
                 return;

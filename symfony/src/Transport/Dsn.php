@@ -23,7 +23,7 @@ final class Dsn
     private const DEFAULTS = [
         'queues' => null,
         'exchange' => [],
-        'prefetch' => 10,
+        'prefetch' => 50,
         'prefetch_count' => null,
         'heartbeat' => 30,
         'connect_timeout' => 5.0,
@@ -62,7 +62,7 @@ final class Dsn
     /** The DSN with its password replaced by ****, for messages. */
     public readonly string $redacted;
 
-    public function __construct(string $dsn, array $options = [])
+    public function __construct(#[\SensitiveParameter] string $dsn, array $options = [])
     {
         $re = '~^(?<scheme>amqps?-rs)://(?:(?<user>[^:@/?]*)(?::(?<pass>[^@/?]*))?@)?(?<hosts>[^/?#@]*)(?<path>/[^?#]*)?(?:\?(?<query>[^#]*))?$~';
         if (!preg_match($re, $dsn, $m)) {
@@ -90,7 +90,7 @@ final class Dsn
     }
 
     /** $dsn with the password (if any) replaced by ****. */
-    public static function redact(string $dsn): string
+    public static function redact(#[\SensitiveParameter] string $dsn): string
     {
         return (string) preg_replace('~^([a-z0-9+.-]+://[^:@/?]*:)[^@/?]*@~i', '$1****@', $dsn);
     }
