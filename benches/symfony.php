@@ -14,7 +14,8 @@
 // INSERT), then ONE `messenger:consume async --limit=N --sleep=0` process handles them all:
 // timed from its start to its exit (PHP and Symfony booting included, as a real worker pays
 // them once), with its CPU time and its peak RSS (ru_maxrss from wait4). Every number must be
-// in the handler's file exactly once and the queue left empty. Every process loads both
+// in the handler's file exactly once and the queue left empty. The transports take turns, in the
+// opposite order every other round. Every process loads both
 // extensions (amqp_rs and php-amqp), so their RSS is comparable. Prints medians of --rounds
 // rounds; writes them and every round to benches/results/symfony-latest.json.
 
@@ -124,7 +125,8 @@ try {
         throw new RuntimeException("cache:warmup failed ($code): $out $err");
     }
     for ($round = 1; $round <= $rounds; $round++) {
-        foreach ($transports as $name => $dsn) {
+        // Alternating order, so that no transport always runs on a warmer or busier broker.
+        foreach ($round % 2 ? $transports : array_reverse($transports, true) as $name => $dsn) {
             $queue = sprintf('amqp_rs.bench.symfony.%d.%d.%s', getmypid(), $round, substr(md5($name), 0, 6));
             $db = "$app->dir/var/bench-$round-" . substr(md5($name), 0, 6) . '.sqlite';
             $file = "$app->dir/var/handled-$round-" . substr(md5($name), 0, 6);
