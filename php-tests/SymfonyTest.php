@@ -43,7 +43,7 @@ final class SymfonyTest extends TestCase
             $this->fail($missing);
         }
         self::$app ??= new SymfonyApp(Broker::extensionPath());
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(self::brokerUri());
         $this->queue = Broker::unique('symfony');
         $this->work = self::$app->dir . '/work/' . $this->queue;
         mkdir($this->work, 0777, true);
@@ -368,7 +368,8 @@ final class SymfonyTest extends TestCase
 
     public function testADelayedMessageWaitsInADelayQueueAndAFailoverListSkipsADeadHost(): void
     {
-        $this->dsnHosts = '127.0.0.1:1,127.0.0.1:5672';
+        $u = parse_url(self::brokerUri());
+        $this->dsnHosts = '127.0.0.1:1,' . ($u['host'] ?? '127.0.0.1') . ':' . ($u['port'] ?? 5672);
         $this->dispatch('WriteLine', 1, 1500, "$this->work/out.txt", 'later');
         $queuedAt = microtime(true);
         $this->assertSame(0, $this->conn->queueStatus($this->queue)['messages'], 'not ready before its delay');
@@ -381,7 +382,8 @@ final class SymfonyTest extends TestCase
         $this->assertLessThan(4.0, (float) $m[1] - $queuedAt);
     }
 
-    private string $dsnHosts = '127.0.0.1:5672';
+    /** Hosts of the DSN, when not the test broker alone. */
+    private ?string $dsnHosts = null;
     private ?int $retries = null;
 
     private function withRetries(int $max): void
@@ -479,15 +481,29 @@ final class SymfonyTest extends TestCase
     private function consumers(): int
     {
         try {
-            return (new Connection(Broker::URI))->queueStatus($this->queue)['consumers'];
+            return (new Connection(self::brokerUri()))->queueStatus($this->queue)['consumers'];
         } catch (ChannelException) {
             return 0;
         }
     }
 
+    /**
+     * The test broker's URI: Broker::uri() where the suite has it (AMQP_RS_TEST_URI, for a run
+     * against another node), else the host's broker.
+     */
+    private static function brokerUri(): string
+    {
+        return method_exists(Broker::class, 'uri') ? Broker::uri() : (string) constant(Broker::class . '::URI');
+    }
+
+    /** An amqp-rs:// DSN for $queue on the test broker (its host:port, or $this->dsnHosts). */
     private function dsn(string $queue, array $options): string
     {
-        return "amqp-rs://guest:guest@{$this->dsnHosts}/%2f/" . rawurlencode($queue) . ($options === [] ? '' : '?' . http_build_query($options));
+        $u = parse_url(self::brokerUri());
+        $hosts = $this->dsnHosts ?? ($u['host'] ?? '127.0.0.1') . ':' . ($u['port'] ?? 5672);
+        $vhost = ltrim($u['path'] ?? '', '/');
+        return sprintf('amqp-rs://%s:%s@%s/%s/%s', $u['user'] ?? 'guest', $u['pass'] ?? 'guest', $hosts, $vhost === '' ? '%2f' : $vhost, rawurlencode($queue))
+            . ($options === [] ? '' : '?' . http_build_query($options));
     }
 
     private function env(array $extra = []): array
