@@ -129,7 +129,9 @@ final class SymfonyApp
                         require_once "/usr/share/php/Symfony/$part/autoload.php";
                     }
                 }
-                foreach (['Doctrine/DBAL/autoload.php', 'Doctrine/Persistence/autoload.php'] as $file) {
+                // Symfony 6+ asks Composer's InstalledVersions which packages are there (Debian's
+                // composer package has it); without it FrameworkBundle refuses to build.
+                foreach (['Composer/InstalledVersions.php', 'Doctrine/DBAL/autoload.php', 'Doctrine/Persistence/autoload.php'] as $file) {
                     if (is_file("/usr/share/php/$file")) {
                         require_once "/usr/share/php/$file";
                     }
