@@ -15,10 +15,10 @@ use Symfony\Component\Messenger\Transport\TransportInterface;
 
 /**
  * The amqp-rs transport: what Symfony's AMQP transport is (sender, receiver with queues,
- * setup, message count), on the amqp_rs extension, and listable so that it can serve as the
- * failure transport too.
+ * setup, message count, closeable on Messenger 7.3+), on the amqp_rs extension, and listable
+ * so that it can serve as the failure transport too.
  */
-final class AmqpRsTransport implements QueueReceiverInterface, TransportInterface, SetupableTransportInterface, MessageCountAwareInterface, ListableReceiverInterface
+final class AmqpRsTransport implements QueueReceiverInterface, TransportInterface, SetupableTransportInterface, CloseableTransport, MessageCountAwareInterface, ListableReceiverInterface
 {
     private readonly SerializerInterface $serializer;
     private ?AmqpRsReceiver $receiver = null;
