@@ -60,7 +60,7 @@ final class SymfonyTest extends TestCase
             proc_close($this->proc);
         }
         $delays = array_map(fn (int $ms) => "amq_rs.delay.{$ms}ms.(default).{$this->queue}", [1000, 1500, 2000]);
-        foreach ([$this->queue, "{$this->queue}.failed", "{$this->queue}.other", ...$delays] as $queue) {
+        foreach ([$this->queue, "{$this->queue}.failed", "{$this->queue}.other", "{$this->queue}.low", ...$delays] as $queue) {
             $this->conn->deleteQueue($queue);
         }
         foreach ($this->exchanges as $exchange) {
@@ -240,6 +240,21 @@ final class SymfonyTest extends TestCase
         $this->assertSame(['m0', 'm1', 'm2', 'm3'], $done(), 'every message handled (the one in hand may run again)');
         $this->assertLessThanOrEqual(5, count($this->times('done')));
         $this->assertSame(['messages' => 0, 'consumers' => 0], $this->conn->queueStatus($this->queue));
+    }
+
+    public function testAWorkerOfTwoTransportsTakesTheFirstsMessagesFirstAndDoesNotWaitOnItWhenEmpty(): void
+    {
+        $this->dispatch('LowLine', 20, 0, "$this->work/out.txt", 'low {i}');
+        $this->dispatch('WriteLine', 2, 0, "$this->work/out.txt", 'high {i}');
+
+        // An empty "async" must not hold up "low" for its wait (1 s) every round: 20 messages
+        // at one a second would outlast --time-limit.
+        [$code, $out, $err] = $this->console('messenger:consume', 'async', 'low', '--limit=22', '--time-limit=12');
+
+        $this->assertSame(0, $code, $out . $err);
+        $lines = array_map(fn ($l) => explode(' at=', $l)[0], file("$this->work/out.txt", FILE_IGNORE_NEW_LINES));
+        $this->assertSame(['high 0', 'high 1', ...array_map(fn ($i) => "low $i", range(0, 19))], $lines);
+        $this->assertSame(0, $this->conn->queueStatus("{$this->queue}.low")['messages']);
     }
 
     public function testLimitStopsTheWorkerAndLeavesTheRestInTheQueue(): void
@@ -511,6 +526,7 @@ final class SymfonyTest extends TestCase
         $env = $extra + [
             'MESSENGER_TRANSPORT_DSN' => $this->dsn($this->queue, $this->dsnOptions),
             'MESSENGER_FAILED_DSN' => $this->dsn("{$this->queue}.failed", ['connection_name' => "symfony-test-failed-{$this->queue}"]),
+            'MESSENGER_LOW_DSN' => $this->dsn("{$this->queue}.low", ['connection_name' => "symfony-test-low-{$this->queue}"]),
         ];
         if ($this->retries !== null) {
             $env['MESSENGER_MAX_RETRIES'] = (string) $this->retries;

@@ -16,6 +16,7 @@ require_once __DIR__ . '/LaravelApp.php';
  *
  * Environment of each process: MESSENGER_TRANSPORT_DSN (transport "async", where the
  * messages are routed), MESSENGER_FAILED_DSN (the failure transport "failed"),
+ * MESSENGER_LOW_DSN (transport "low", where App\Message\LowLine goes), MESSENGER_MAX_RETRIES,
  * MESSENGER_SQLITE (the database file of a doctrine:// transport, for the bench).
  */
 final class SymfonyApp
@@ -209,6 +210,7 @@ final class SymfonyApp
             'config/services.yaml' => <<<'YAML'
                 parameters:
                     env(MESSENGER_MAX_RETRIES): '2'
+                    env(MESSENGER_LOW_DSN): 'in-memory://'
                 services:
                     _defaults:
                         autowire: true
@@ -240,8 +242,11 @@ final class SymfonyApp
                                     delay: 1000
                                     multiplier: 2
                             failed: '%env(MESSENGER_FAILED_DSN)%'
+                            # A second transport, for workers of two (messenger:consume async low).
+                            low: '%env(MESSENGER_LOW_DSN)%'
                         routing:
                             'App\Message\WriteLine': async
+                            'App\Message\LowLine': low
                             'App\Message\Flaky': async
                             'App\Message\Noop': async
                 YAML,
@@ -258,6 +263,18 @@ final class SymfonyApp
 
                 /** Appends "<text> at=<time>" to a file. */
                 class WriteLine
+                {
+                    public function __construct(public string $file, public string $text)
+                    {
+                    }
+                }
+                PHP,
+            'src/Message/LowLine.php' => <<<'PHP'
+                <?php
+                namespace App\Message;
+
+                /** As WriteLine, routed to the "low" transport. */
+                class LowLine
                 {
                     public function __construct(public string $file, public string $text)
                     {
@@ -299,6 +316,22 @@ final class SymfonyApp
                 class WriteLineHandler
                 {
                     public function __invoke(WriteLine $m): void
+                    {
+                        file_put_contents($m->file, sprintf("%s at=%.3f pid=%d\n", $m->text, microtime(true), getmypid()), FILE_APPEND);
+                    }
+                }
+                PHP,
+            'src/MessageHandler/LowLineHandler.php' => <<<'PHP'
+                <?php
+                namespace App\MessageHandler;
+
+                use App\Message\LowLine;
+                use Symfony\Component\Messenger\Attribute\AsMessageHandler;
+
+                #[AsMessageHandler]
+                class LowLineHandler
+                {
+                    public function __invoke(LowLine $m): void
                     {
                         file_put_contents($m->file, sprintf("%s at=%.3f pid=%d\n", $m->text, microtime(true), getmypid()), FILE_APPEND);
                     }

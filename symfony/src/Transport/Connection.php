@@ -32,6 +32,13 @@ final class Connection
     /** @var array<string, Consumer> by queue name */
     private array $consumers = [];
     private bool $setUp = false;
+    /** @var array{string, Message}|null a delivery taken aside while another transport waited */
+    private ?array $aside = null;
+    /** @var array<int, \WeakReference<self>> the connections of this process that receive */
+    private static array $receiving = [];
+
+    /** How long a wait looks at one buffer before it looks at the others (seconds). */
+    private const SLICE = 0.05;
 
     public function __construct(private readonly Dsn $dsn)
     {
@@ -78,8 +85,15 @@ final class Connection
 
     /**
      * The next message of the first of $queues that has one, from the consumers' prefetch
-     * buffers; waits up to `wait_time` seconds when none is buffered (less when a signal the
-     * worker handles, like SIGTERM, comes in).
+     * buffers; waits up to `wait_time` seconds when none is buffered, and less when a signal
+     * the worker handles (SIGTERM) comes in, or when a delivery arrives for another amqp-rs
+     * transport of this process.
+     *
+     * The last is for a worker of several transports (`messenger:consume high low`): Messenger
+     * asks each receiver in turn, so a wait on an empty "high" would hold up "low" for the
+     * whole wait, every round. While it waits, this connection looks into the other
+     * connections' buffers; a delivery found there is kept aside for that connection's next
+     * receive(), and this one returns null so that the worker moves on to it.
      *
      * @param list<string> $queues
      * @return array{string, Message}|null the queue and the message
@@ -88,26 +102,75 @@ final class Connection
     {
         return $this->call(function () use ($queues): ?array {
             $this->setupOnce();
+            if ((self::$receiving[spl_object_id($this)] ?? null)?->get() !== $this) {
+                self::$receiving[spl_object_id($this)] = \WeakReference::create($this);
+            }
+            if ($this->aside !== null && in_array($this->aside[0], $queues, true)) {
+                [$received, $this->aside] = [$this->aside, null];
+                return $received;
+            }
             foreach ($queues as $queue) {
                 if (($message = $this->consumer($queue)->next(0.0)) !== null) {
                     return [$queue, $message];
                 }
             }
-            if (count($queues) === 1) {
-                $message = $this->consumer($queues[0])->next($this->dsn->waitTime);
-                return $message === null ? null : [$queues[0], $message];
-            }
-            // Several queues: wait on each in turn for a short slice, so that none waits long.
+            $others = $this->otherReceivers();
+            $slice = $others === [] && count($queues) === 1 ? $this->dsn->waitTime : self::SLICE;
             $deadline = microtime(true) + $this->dsn->waitTime;
             do {
                 foreach ($queues as $queue) {
-                    if (($message = $this->consumer($queue)->next(0.05)) !== null) {
+                    $wait = min($slice, max(0.0, $deadline - microtime(true)));
+                    $start = hrtime(true);
+                    if (($message = $this->consumer($queue)->next($wait)) !== null) {
                         return [$queue, $message];
+                    }
+                    if ((hrtime(true) - $start) / 1e9 < 0.9 * $wait) {
+                        return null;   // woken by a signal: let the worker see it at once
+                    }
+                }
+                foreach ($others as $other) {
+                    if ($other->setAside()) {
+                        return null;
                     }
                 }
             } while (microtime(true) < $deadline);
             return null;
         }, 'receiving from queue "' . implode('", "', $queues) . '"');
+    }
+
+    /** Takes a delivery that has arrived for one of this connection's consumers aside; whether one is. */
+    private function setAside(): bool
+    {
+        if ($this->aside !== null) {
+            return true;
+        }
+        foreach ($this->consumers as $queue => $consumer) {
+            try {
+                $message = $consumer->next(0.0);
+            } catch (AmqpException) {
+                return false;   // its own receive() reports it
+            }
+            if ($message !== null) {
+                $this->aside = [$queue, $message];
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /** @return list<self> the other connections of the process that receive */
+    private function otherReceivers(): array
+    {
+        $others = [];
+        foreach (self::$receiving as $id => $ref) {
+            $other = $ref->get();
+            if ($other === null) {
+                unset(self::$receiving[$id]);
+            } elseif ($other !== $this) {
+                $others[] = $other;
+            }
+        }
+        return $others;
     }
 
     public function ack(Message $message, string $queue): void
@@ -260,6 +323,7 @@ final class Connection
             throw new TransportException(sprintf('amqp-rs transport (%s): %s: %s', $this->dsn->redacted, $what, $e->getMessage()), 0, $e);
         } catch (ChannelException $e) {
             $this->consumers = [];
+            $this->aside = null;
             $this->setUp = false;
             throw new TransportException(sprintf('amqp-rs transport: %s: %s', $what, $e->getMessage()), $e->getCode(), $e);
         } catch (AmqpException $e) {
@@ -269,7 +333,7 @@ final class Connection
 
     private function forget(): void
     {
-        $this->connection = $this->producer = null;
+        $this->connection = $this->producer = $this->aside = null;
         $this->consumers = [];
         $this->setUp = false;
     }
