@@ -132,7 +132,8 @@ final class SymfonyTest extends TestCase
         $this->assertCount(3, $starts, 'the first attempt and max_retries: 2');
         foreach ([1 => 1.0, 2 => 2.0] as $n => $delay) {
             $gap = $starts[$n] - $starts[$n - 1];
-            $this->assertGreaterThanOrEqual($delay - 0.05, $gap, "retry $n waits its delay");
+            // The broker expires a TTL to the millisecond of its own clock: seen 52 ms early once.
+            $this->assertGreaterThanOrEqual($delay - 0.1, $gap, "retry $n waits its delay");
             $this->assertLessThan($delay + 1.5, $gap, "retry $n waits its delay");
         }
         $this->assertSame(0, $this->conn->queueStatus($this->queue)['messages']);
@@ -255,6 +256,21 @@ final class SymfonyTest extends TestCase
         $lines = array_map(fn ($l) => explode(' at=', $l)[0], file("$this->work/out.txt", FILE_IGNORE_NEW_LINES));
         $this->assertSame(['high 0', 'high 1', ...array_map(fn ($i) => "low $i", range(0, 19))], $lines);
         $this->assertSame(0, $this->conn->queueStatus("{$this->queue}.low")['messages']);
+    }
+
+    public function testAWorkerOfAnAmqpRsAndADoctrineTransportIsNotHeldUpByTheEmptyAmqpRsOne(): void
+    {
+        if (!SymfonyApp::hasDoctrine()) {
+            $this->fail('Doctrine DBAL and Persistence and php-symfony-doctrine-messenger are needed (scripts/setup.sh installs them)');
+        }
+        $lowDsn = ['MESSENGER_LOW_DSN' => 'doctrine://default?queue_name=low', 'MESSENGER_SQLITE' => "$this->work/db.sqlite"];
+        $this->dispatchWith($lowDsn, 0, 'LowLine', 20, 0, "$this->work/out.txt", 'low {i}');
+
+        // The bundle's listener sees a worker of two kinds: amqp-rs's get() does not wait then.
+        [$code, $out, $err] = SymfonyApp::run(self::$app->console('messenger:consume', 'async', 'low', '--limit=20', '--time-limit=12'), $this->env($lowDsn), 60.0);
+
+        $this->assertSame(0, $code, $out . $err);
+        $this->assertCount(20, file("$this->work/out.txt"), 'at one a second, --time-limit would have stopped it first');
     }
 
     public function testLimitStopsTheWorkerAndLeavesTheRestInTheQueue(): void

@@ -37,6 +37,9 @@ final class Connection
     /** @var array<int, \WeakReference<self>> the connections of this process that receive */
     private static array $receiving = [];
 
+    /** Whether receive() may wait (false in a worker that also consumes other kinds of transport). */
+    private static bool $mayWait = true;
+
     /** How long a wait looks at one buffer before it looks at the others (seconds). */
     private const SLICE = 0.05;
 
@@ -114,6 +117,9 @@ final class Connection
                     return [$queue, $message];
                 }
             }
+            if (!self::$mayWait) {
+                return null;
+            }
             $others = $this->otherReceivers();
             $slice = $others === [] && count($queues) === 1 ? $this->dsn->waitTime : self::SLICE;
             $deadline = microtime(true) + $this->dsn->waitTime;
@@ -136,6 +142,15 @@ final class Connection
             } while (microtime(true) < $deadline);
             return null;
         }, 'receiving from queue "' . implode('", "', $queues) . '"');
+    }
+
+    /**
+     * Whether receive() may wait for deliveries: not in a worker that also consumes transports
+     * of another kind, which a wait would hold up (set by WorkerTransportsListener).
+     */
+    public static function waitForDeliveries(bool $wait): void
+    {
+        self::$mayWait = $wait;
     }
 
     /** Takes a delivery that has arrived for one of this connection's consumers aside; whether one is. */
