@@ -273,6 +273,30 @@ final class SymfonyTest extends TestCase
         $this->assertCount(20, file("$this->work/out.txt"), 'at one a second, --time-limit would have stopped it first');
     }
 
+    public function testAnUndecodableMessageIsRejectedNotRequeuedAndTheNextOneIsHandled(): void
+    {
+        $dead = $this->conn->declareQueue("{$this->queue}.other");
+        $this->dsnOptions += ["queues[{$this->queue}][arguments][x-dead-letter-exchange]" => '', "queues[{$this->queue}][arguments][x-dead-letter-routing-key]" => $dead];
+        $this->dispatch('WriteLine', 1, 0, "$this->work/out.txt", 'good');   // declares the queue
+        $this->conn->purgeQueue($this->queue);
+        $producer = $this->conn->producer();
+        $producer->publish('not a serialized envelope', $this->queue);
+        $producer->waitForConfirms();
+        $this->dispatch('WriteLine', 1, 0, "$this->work/out.txt", 'good');
+
+        // Messenger's worker stops on the decoding error (Symfony's AMQP transport does too);
+        // run it until the good message is handled.
+        $runs = [];
+        for ($i = 0; $i < 3 && !is_file("$this->work/out.txt"); $i++) {
+            $runs[] = $this->console('messenger:consume', 'async', '--limit=1', '--time-limit=10');
+        }
+
+        $this->assertFileExists("$this->work/out.txt", json_encode($runs));
+        $this->assertLessThanOrEqual(2, count($runs), 'the bad one is met once');
+        $this->assertSame(0, $this->conn->queueStatus($this->queue)['messages']);
+        $this->assertSame('not a serialized envelope', $this->conn->get($dead, true)?->getBody(), 'dead-lettered');
+    }
+
     public function testLimitStopsTheWorkerAndLeavesTheRestInTheQueue(): void
     {
         $this->dispatch('WriteLine', 3, 0, "$this->work/out.txt", 'm{i}');

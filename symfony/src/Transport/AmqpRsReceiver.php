@@ -74,7 +74,7 @@ final class AmqpRsReceiver implements QueueReceiverInterface, MessageCountAwareI
             $left -= count($messages);
             try {
                 foreach ($messages as $message) {
-                    yield $this->decode($message, $queue);
+                    yield $this->decode($message, $queue, false);
                 }
             } finally {
                 foreach ($messages as $message) {
@@ -97,13 +97,14 @@ final class AmqpRsReceiver implements QueueReceiverInterface, MessageCountAwareI
                 }
             }
             if ($found !== null) {
-                return $this->decode($found, $queue);
+                return $this->decode($found, $queue, false);
             }
         }
         return null;
     }
 
-    private function decode(Message $message, string $queue): Envelope
+    /** @param bool $consuming false when listing: an undecodable message is then left in place */
+    private function decode(Message $message, string $queue, bool $consuming = true): Envelope
     {
         $headers = $message->getHeaders();
         if (($contentType = $message->getContentType()) !== null) {
@@ -112,9 +113,13 @@ final class AmqpRsReceiver implements QueueReceiverInterface, MessageCountAwareI
         try {
             $envelope = $this->serializer->decode(['body' => $message->getBody(), 'headers' => $headers]);
         } catch (MessageDecodingFailedException $e) {
-            // Undecodable: it would fail every time, so it is rejected (dead-lettered, if the
-            // queue has a dead-letter exchange) rather than requeued.
-            $this->connection->reject($message, $queue);
+            // Undecodable: it would fail every time, so a worker rejects it (dead-lettered, if
+            // the queue has a dead-letter exchange) rather than requeue it.
+            if ($consuming) {
+                $this->connection->reject($message, $queue);
+            } else {
+                $this->connection->release($message);
+            }
             throw $e;
         }
         $envelope = $envelope->with(new AmqpRsReceivedStamp($message, $queue));
