@@ -190,9 +190,13 @@ final class SymfonyTest extends TestCase
         $this->assertSame(['messages' => 1, 'consumers' => 0], $this->conn->queueStatus($this->queue), 'the finished one acked, the other back in the queue');
     }
 
-    public function testSigtermStopsAnIdleWorkerPromptly(): void
+    /**
+     * @dataProvider idleSleeps
+     */
+    #[\PHPUnit\Framework\Attributes\DataProvider('idleSleeps')]
+    public function testSigtermStopsAnIdleWorkerPromptly(string $sleep, float $within): void
     {
-        $pid = $this->startWorker('--time-limit=30');
+        $pid = $this->startWorker('--time-limit=30', "--sleep=$sleep");
         $this->waitFor(fn () => $this->consumers() === 1, 15.0, 'the worker consumes');
         usleep(300_000);
 
@@ -201,7 +205,13 @@ final class SymfonyTest extends TestCase
         $code = $this->waitForExit(10.0);
 
         $this->assertSame(0, $code);
-        $this->assertLessThan(1.5, microtime(true) - $sent, 'at most --sleep (1 s) after the signal');
+        $this->assertLessThan($within, microtime(true) - $sent);
+    }
+
+    /** --sleep, and how soon the worker must exit: what is left of --sleep after the wait ends. */
+    public static function idleSleeps(): array
+    {
+        return ['default --sleep=1' => ['1', 1.5], '--sleep=0' => ['0', 0.5]];
     }
 
     public function testAFiveSecondHandlerKeepsItsConnectionWithOneSecondHeartbeats(): void
@@ -209,10 +219,11 @@ final class SymfonyTest extends TestCase
         touch("$this->work/ok");
         $this->dsnOptions['heartbeat'] = '1';
         $this->dispatch('Flaky', 2, 0, "$this->work/log", "$this->work/ok", '5', 'm{i}');
-        $this->startWorker('--limit=2', '--time-limit=40');
+        $pid = $this->startWorker('--limit=2', '--time-limit=40');
         $this->waitFor(fn () => $this->times('start') !== [], 15.0, 'the first message starts');
         $before = $this->connectionPids();
         $this->assertCount(1, $before, 'the worker\'s connection, by its name');
+        $this->assertStringContainsString("(pid $pid)", Broker::ctl('list_connections', '-q', 'client_properties'), 'persistent by default: the name carries the pid');
 
         $code = $this->waitForExit(30.0);
         $this->assertSame(0, $code, (string) @file_get_contents("$this->work/worker.err"));

@@ -33,6 +33,7 @@ final class Dsn
         'auto_setup' => true,
         'nack_retries' => 6,
         'reconnect' => true,
+        'persistent' => true,
         'cacert' => null,
         'cert' => null,
         'key' => null,
@@ -190,6 +191,9 @@ final class Dsn
             'connect_timeout' => $this->number($options, 'connect_timeout', 0.001),
             'name' => (string) $options['connection_name'],
             'reconnect' => $this->boolean($options, 'reconnect'),
+            // Persistent by default: under php-fpm each worker dispatches over one pooled
+            // connection instead of a handshake per request (see docs/persistent.md).
+            'persistent' => $this->boolean($options, 'persistent'),
         ];
         $files = array_filter(['cafile' => $options['cacert'], 'certfile' => $options['cert'], 'keyfile' => $options['key']], fn ($f) => $f !== null && $f !== '');
         if (!$tls && ($files !== [] || $options['verify'] !== null)) {
