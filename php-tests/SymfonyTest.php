@@ -132,8 +132,9 @@ final class SymfonyTest extends TestCase
         $this->assertCount(3, $starts, 'the first attempt and max_retries: 2');
         foreach ([1 => 1.0, 2 => 2.0] as $n => $delay) {
             $gap = $starts[$n] - $starts[$n - 1];
-            // The broker expires a TTL to the millisecond of its own clock: seen 52 ms early once.
-            $this->assertGreaterThanOrEqual($delay - 0.1, $gap, "retry $n waits its delay");
+            // The broker's TTL runs on its own clock: on a loaded machine it was seen to release
+            // a 2 s delay 105 ms early. What matters here is that the retry waited.
+            $this->assertGreaterThanOrEqual(0.9 * $delay, $gap, "retry $n waits its delay");
             $this->assertLessThan($delay + 1.5, $gap, "retry $n waits its delay");
         }
         $this->assertSame(0, $this->conn->queueStatus($this->queue)['messages']);
