@@ -13,7 +13,9 @@
 // Symfony's AMQP transport does not unless confirm_timeout is set, Doctrine commits each
 // INSERT), then ONE `messenger:consume async --limit=N --sleep=0` process handles them all:
 // timed from its start to its exit (PHP and Symfony booting included, as a real worker pays
-// them once), with its CPU time and its peak RSS (ru_maxrss from wait4). Every number must be
+// them once), with its CPU time and its peak RSS (ru_maxrss from wait4); and the rate from the
+// first handler call to the last (the handler writes when it ran), which leaves out booting
+// and exit: with 2000 trivial messages boot is half the time or more. Every number must be
 // in the handler's file exactly once and the queue left empty. The transports take turns, in the
 // opposite order every other round. Every process loads both
 // extensions (amqp_rs and php-amqp), so their RSS is comparable. Prints medians of --rounds
@@ -139,7 +141,10 @@ try {
             }
 
             [$code, $out, $err, $seconds, $cpu, $rss] = measure($app->console('messenger:consume', 'async', "--limit=$messages", '--sleep=0', '--time-limit=300'), $env);
-            $handled = file_exists($file) ? file($file, FILE_IGNORE_NEW_LINES) : [];
+            // Each line: the message's number and when its handler ran.
+            $lines = file_exists($file) ? file($file, FILE_IGNORE_NEW_LINES) : [];
+            $handled = array_map(fn ($l) => explode(' ', $l)[0], $lines);
+            $times = array_map(fn ($l) => (float) (explode(' ', $l)[1] ?? 0), $lines);
             $unique = count(array_unique($handled));
             if ($code !== 0 || count($handled) !== $messages || $unique !== $messages) {
                 throw new RuntimeException(sprintf('%s: messenger:consume exited %d having handled %d messages (%d distinct) of %d: %s', $name, $code, count($handled), $unique, $messages, $err));
@@ -151,10 +156,11 @@ try {
                 'dispatch_msgs_per_s' => round($messages / $dispatched['seconds'], 1),
                 'consume_s' => round($seconds, 3),
                 'consume_msgs_per_s' => round($messages / $seconds, 1),
+                'handling_msgs_per_s' => round(($messages - 1) / max(1e-6, max($times) - min($times)), 1),
                 'worker_cpu_ms_per_msg' => round($cpu * 1000 / $messages, 3),
                 'worker_peak_rss_mb' => round($rss / 1024, 1),
             ];
-            fprintf(STDERR, "round %d %-26s dispatch %7.0f msgs/s, consume %6.3f s (%6.0f msgs/s), worker RSS %5.1f MB\n", $round, $name, $messages / $dispatched['seconds'], $seconds, $messages / $seconds, $rss / 1024);
+            fprintf(STDERR, "round %d %-26s dispatch %7.0f msgs/s, consume %6.3f s (%6.0f msgs/s; first to last handled %6.0f msgs/s), worker RSS %5.1f MB\n", $round, $name, $messages / $dispatched['seconds'], $seconds, $messages / $seconds, ($messages - 1) / max(1e-6, max($times) - min($times)), $rss / 1024);
         }
     }
 } finally {
@@ -169,9 +175,9 @@ foreach ($results as $name => $runs) {
 }
 
 printf("\nS1: %d trivial messages, dispatched from a script, then one `messenger:consume --limit=%d` (boot included)\n", $messages, $messages);
-printf("%-26s %16s %12s %15s %18s %14s\n", 'transport', 'dispatch msgs/s', 'consume s', 'consume msgs/s', 'worker CPU ms/msg', 'worker RSS MB');
+printf("%-26s %16s %12s %15s %18s %18s %14s\n", 'transport', 'dispatch msgs/s', 'consume s', 'consume msgs/s', 'handling msgs/s', 'worker CPU ms/msg', 'worker RSS MB');
 foreach ($summary as $name => $s) {
-    printf("%-26s %16.0f %12.3f %15.0f %18.3f %14.1f\n", $name, $s['dispatch_msgs_per_s'], $s['consume_s'], $s['consume_msgs_per_s'], $s['worker_cpu_ms_per_msg'], $s['worker_peak_rss_mb']);
+    printf("%-26s %16.0f %12.3f %15.0f %18.0f %18.3f %14.1f\n", $name, $s['dispatch_msgs_per_s'], $s['consume_s'], $s['consume_msgs_per_s'], $s['handling_msgs_per_s'], $s['worker_cpu_ms_per_msg'], $s['worker_peak_rss_mb']);
 }
 $host = php_uname('n') . ', ' . trim((string) shell_exec('nproc')) . ' cores';
 printf("(medians of %d rounds; Symfony %s, PHP %s; %s)\n", $rounds, SymfonyApp::version(), PHP_VERSION, $host);
@@ -187,7 +193,7 @@ file_put_contents($jsonPath, json_encode([
         'messages' => $messages,
         'rounds' => $rounds,
         'message' => 'App\Message\Noop (its handler appends the number to a file, checked: each exactly once)',
-        'worker' => 'bin/console messenger:consume async --limit=N --sleep=0, timed from start to exit; peak RSS = ru_maxrss',
+        'worker' => 'bin/console messenger:consume async --limit=N --sleep=0, timed from start to exit (consume s, consume msgs/s); handling msgs/s = from the first handler call to the last, boot and exit excluded; peak RSS = ru_maxrss',
         'dispatch' => 'bus->dispatch() in a loop in a booted script (amqp-rs waits for each confirm; symfony amqp: no confirms, its default; doctrine: one INSERT each)',
         'amqp-rs' => 'amqp-rs://.../queue, prefetch 50 (its default), and prefetch=10',
         'symfony amqp' => 'amqp://.../exchange (fanout + queue of that name), basic.get per message; without publisher confirms (its default), and with confirm_timeout=30 (dispatch waits for each confirm, as amqp-rs always does)',

@@ -297,7 +297,7 @@ final class SymfonyApp
                 <?php
                 namespace App\Message;
 
-                /** Appends its number to $file (the bench counts them). */
+                /** Appends its number and when it was handled to $file (the bench counts them). */
                 class Noop
                 {
                     public function __construct(public string $file = '', public string $n = '')
@@ -379,7 +379,7 @@ final class SymfonyApp
                     {
                         if ($m->file !== '') {
                             $this->out ??= fopen($m->file, 'a');
-                            fwrite($this->out, $m->n . "\n");
+                            fwrite($this->out, $m->n . ' ' . microtime(true) . "\n");
                         }
                     }
                 }

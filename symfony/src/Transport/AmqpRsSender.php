@@ -57,7 +57,8 @@ final class AmqpRsSender implements SenderInterface
             $message = $received->getAmqpMessage();
             $previous = $message->getProperties();
             $previousHeaders = array_filter($message->getHeaders(), fn ($k) => !preg_match(self::BROKER_HEADERS, (string) $k), ARRAY_FILTER_USE_KEY);
-            unset($previous['headers']);
+            // user_id must be the publishing connection's user (else 406): not carried over.
+            unset($previous['headers'], $previous['user_id']);
             $properties += $previous;
             $properties['headers'] += $previousHeaders;
             if ($envelope->last(RedeliveryStamp::class) !== null && in_array($received->getQueueName(), $this->connection->getQueueNames(), true)) {
