@@ -30,6 +30,10 @@ final class SymfonyTest extends TestCase
     private string $work;
     /** @var resource|null a worker started in the background */
     private $proc = null;
+    /** @var resource|null Support/tls_proxy.php, and its stdin (closing it ends the proxy) */
+    private $tlsProxy = null;
+    /** @var resource|null */
+    private $tlsProxyStdin = null;
     /** @var array<string, string> query options added to the DSN of the "async" transport */
     private array $dsnOptions = [];
     /** @var list<string> exchanges to delete after the test */
@@ -56,6 +60,10 @@ final class SymfonyTest extends TestCase
 
     protected function tearDown(): void
     {
+        if (is_resource($this->tlsProxy)) {
+            fclose($this->tlsProxyStdin);   // the proxy serves until its stdin closes
+            proc_close($this->tlsProxy);
+        }
         if (is_resource($this->proc)) {
             $status = proc_get_status($this->proc);
             if ($status['running']) {
@@ -411,6 +419,21 @@ final class SymfonyTest extends TestCase
             'wrong password' => ['amqp-rs://guest:s3cret@127.0.0.1:5672/%2f/q', '127.0.0.1'],
             'missing vhost' => ['amqp-rs://guest:guest@127.0.0.1:5672/no-such-vhost/q', 'no-such-vhost'],
         ];
+    }
+
+    public function testAmqpsRsGoesThroughTlsWithTheBrokersCaAndRefusesAnotherCa(): void
+    {
+        [$dir, $port] = $this->tlsProxy();
+        $dsn = fn (string $ca) => "amqps-rs://guest:guest@localhost:$port/%2f/" . rawurlencode($this->queue) . "?cacert=$dir/$ca.pem";
+
+        $this->dispatchWith(['MESSENGER_TRANSPORT_DSN' => $dsn('ca')], 0, 'WriteLine', 1, 0, "$this->work/out.txt", 'over tls');
+        [$code, $out, $err] = SymfonyApp::run(self::$app->console('messenger:consume', 'async', '--limit=1', '--time-limit=20'), $this->env(['MESSENGER_TRANSPORT_DSN' => $dsn('ca')]));
+        $this->assertSame(0, $code, $out . $err);
+        $this->assertStringStartsWith('over tls at=', (string) file_get_contents("$this->work/out.txt"));
+
+        $refused = $this->dispatchWith(['MESSENGER_TRANSPORT_DSN' => $dsn('other-ca')], 3, 'WriteLine', 1, 0, "$this->work/out.txt", 'x');
+        $this->assertMatchesRegularExpression('/certificate|TLS|tls/', $refused['message']);
+        $this->assertStringContainsString("localhost:$port", $refused['message']);
     }
 
     public function testDispatchThrowsWhenTheBrokerReturnsTheMessage(): void

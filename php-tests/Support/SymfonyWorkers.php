@@ -81,6 +81,34 @@ trait SymfonyWorkers
         }
     }
 
+    /**
+     * A CA, a certificate for localhost signed by it, another CA, and Support/tls_proxy.php
+     * serving TLS in front of the broker with that certificate; ended with the test.
+     *
+     * @return array{string, int} the directory of the PEM files (ca.pem, other-ca.pem), the port
+     */
+    private function tlsProxy(): array
+    {
+        $dir = "$this->work/tls";
+        mkdir($dir);
+        $d = escapeshellarg($dir);
+        exec('bash -c ' . escapeshellarg(<<<SH
+            set -e; cd $d
+            for ca in ca other-ca; do
+              openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=amqp_rs symfony \$ca" -keyout \$ca.key -out \$ca.pem
+            done
+            printf 'subjectAltName=DNS:localhost\n' > server.ext
+            openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem
+            SH) . ' 2>&1', $out, $code);
+        $this->assertSame(0, $code, implode("\n", $out));
+        $this->tlsProxy = proc_open([PHP_BINARY, dirname(__DIR__) . '/Support/tls_proxy.php', "$dir/server.pem", "$dir/server.key"], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
+        $this->tlsProxyStdin = $pipes[0];
+        $port = (int) trim((string) fgets($pipes[1]));
+        $this->assertGreaterThan(0, $port, 'the TLS proxy did not start');
+        return [$dir, $port];
+    }
+
     /** @return array<string, float> from the Flaky log: message id => time of its "$what" line (each at most once) */
     private function lines(string $what): array
     {
