@@ -127,6 +127,18 @@ trait SymfonyWorkers
         return array_map(fn ($l) => [$l[1], (float) $l[2]], $m);
     }
 
+    /** Messages of the test's queue, ready and unacked (rabbitmqctl's count; queueStatus() has only the ready ones). */
+    private function messagesWithUnacked(): int
+    {
+        foreach (explode("\n", Broker::ctl('list_queues', '-q', 'name', 'messages')) as $line) {
+            $fields = explode("\t", trim($line));
+            if ($fields[0] === $this->queue) {
+                return (int) ($fields[1] ?? 0);
+            }
+        }
+        return -1;
+    }
+
     /** @return list<string> broker pids of the connections named after this test */
     private function connectionPids(): array
     {

@@ -76,7 +76,7 @@ final class Connection
         }
         if ($delayMs > 0) {
             // The extension holds it in a delay queue (TTL + dead-letter to $exchange/$routingKey).
-            $properties['delay'] = $delayMs;
+            $properties['delay'] = self::delayQueueMs($delayMs);
         }
         $this->call(function () use ($body, $properties, $routingKey, $exchange): void {
             $this->setupOnce();
@@ -84,6 +84,22 @@ final class Connection
             $producer->publish($body, $routingKey, $exchange, $properties);
             $producer->waitForConfirms($this->dsn->confirmTimeout);
         }, sprintf('publishing to exchange "%s" with routing key "%s"', $exchange, $routingKey));
+    }
+
+    /**
+     * $ms rounded up to two significant digits (942 -> 950, 2136 -> 2200, 61234 -> 62000).
+     *
+     * Each distinct delay is a delay queue of its own, kept an hour after its last use. Symfony
+     * 7.1+ retries with 10 % jitter by default, so unrounded every retry would declare another
+     * queue; rounded, a decade of delays holds at most 90, and no delay is cut short.
+     */
+    public static function delayQueueMs(int $ms): int
+    {
+        if ($ms < 100) {
+            return $ms;
+        }
+        $step = 10 ** ((int) floor(log10($ms)) - 1);
+        return (int) (ceil($ms / $step) * $step);
     }
 
     /**
