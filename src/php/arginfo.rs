@@ -4,12 +4,14 @@
 //! - private constructors: a class made only by a factory (`Connection::producer()`) gets a
 //!   public `__construct()` that throws; we make it private, as PHP's own such classes are.
 
-use ext_php_rs::ffi::{zend_function, zend_hash_str_find_ptr_lc};
+use ext_php_rs::ffi::{zend_function, zend_hash_str_find_ptr_lc, IS_ARRAY, IS_STRING};
+use ext_php_rs::flags::MethodFlags;
 use ext_php_rs::zend::ClassEntry;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-const MAY_BE_STRING: u32 = 1 << 6;
-const MAY_BE_ARRAY: u32 = 1 << 7;
+// Zend's MAY_BE_* type-mask bits are `1 << IS_*`.
+const MAY_BE_STRING: u32 = 1 << IS_STRING;
+const MAY_BE_ARRAY: u32 = 1 << IS_ARRAY;
 
 /// Parameters to widen: class, lower-case method, zero-based position, type mask.
 const UNIONS: &[(&str, &str, usize, u32)] = &[
@@ -29,9 +31,6 @@ const UNIONS: &[(&str, &str, usize, u32)] = &[
 
 /// Classes whose objects only factories make.
 const FACTORY_MADE: &[&str] = &["AmqpRs\\Producer", "AmqpRs\\Consumer", "AmqpRs\\Message"];
-
-const ZEND_ACC_PUBLIC: u32 = 1 << 0;
-const ZEND_ACC_PRIVATE: u32 = 1 << 2;
 
 static DONE: AtomicBool = AtomicBool::new(false);
 
@@ -76,7 +75,8 @@ pub fn fix_signatures() {
         // SAFETY: as above; fn_flags is a plain bit set of the registered method.
         unsafe {
             if let Some(ctor) = method(ce, "__construct") {
-                ctor.common.fn_flags = (ctor.common.fn_flags & !ZEND_ACC_PUBLIC) | ZEND_ACC_PRIVATE;
+                ctor.common.fn_flags = (ctor.common.fn_flags & !MethodFlags::Public.bits())
+                    | MethodFlags::Private.bits();
             }
         }
     }

@@ -52,8 +52,6 @@ pub enum ExceptionClass {
     /// A bounded wait ran out.
     Timeout = 3,
     /// Nacked or returned messages.
-    #[allow(dead_code)]
-    // registered now so user code can catch it; thrown once the producer lands
     Publish = 4,
 }
 
