@@ -188,4 +188,42 @@ final class ForkTest extends TestCase
         $parent->deleteQueue($q);
         $parent->close();
     }
+
+    /**
+     * Settlements lapin has not written yet belong to their connection: a child forked while
+     * the parent has some neither waits for them (closing its own connection, or dropping the
+     * parent's, is quick) nor sends them, and the parent's acks still all reach the broker.
+     */
+    public function testAForkWithUnwrittenSettlementsNeitherHangsTheChildNorLosesTheParentsAcks(): void
+    {
+        $parent = new Connection(Broker::URI);
+        $q = $parent->declareQueue(Broker::unique('fork-acks'), ['auto_delete' => false]);
+        Broker::publishWithAmqplib('', $q, 300);
+        $consumer = $parent->consumer($q, ['prefetch' => 300]);
+        // next() sends each ack at once, without waiting: right after this loop some of them
+        // are usually still on their way through lapin.
+        $acked = 0;
+        while ($acked < 300 && ($m = $consumer->next(5.0)) !== null) {
+            $m->ack();
+            $acked++;
+        }
+        $this->assertSame(300, $acked);
+        $status = $this->inChild(function () use ($parent, $q): bool {
+            $started = microtime(true);
+            $own = new Connection(Broker::URI);
+            $own->queueStatus($q);
+            $own->close();
+            // The parent's connection is left alone: close() does nothing in the child.
+            $parent->close();
+            return microtime(true) - $started < 10.0;
+        });
+        $this->assertSame(0, $status, 'the child finished without waiting on the parent');
+        $consumer->cancel();
+        $parent->close();
+        // Unacked messages would be back in the queue once the parent's connection is closed.
+        $this->assertSame(0, Broker::countWithAmqplib($q));
+        $check = new Connection(Broker::URI);
+        $check->deleteQueue($q);
+        $check->close();
+    }
 }

@@ -243,6 +243,11 @@ final class Consumer
      * then to the dead_letter queue (default "<queue>.dead", with headers x-failure-reason,
      * x-failed-queue, x-attempt); the exception is consumed and consume() goes on.
      *
+     * When consume() returns (a limit, stop(), a stop signal, an exception), the deliveries
+     * already in the prefetch buffer that the callback never saw go back to the queue at
+     * once (the subscription is cancelled, then they are rejected with requeue), so other
+     * consumers get them; the next consume() or next() subscribes again.
+     *
      * @param callable(Message): mixed $callback
      * Stop signals (default SIGTERM and SIGINT): while consume() runs they make it return
      * after the message in hand is settled, within a fraction of a second when idle; a pcntl
@@ -271,7 +276,11 @@ final class Consumer
     /** Makes consume() return after the message in hand (from the callback or a signal handler). */
     public function stop(): void {}
 
-    /** Cancels the subscription (basic.cancel). */
+    /**
+     * Cancels the subscription (basic.cancel), for good; the deliveries in the prefetch buffer
+     * that were not handed out go back to the queue at once. From a callback it takes effect
+     * when the callback returns.
+     */
     public function cancel(): void {}
 }
 

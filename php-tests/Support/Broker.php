@@ -18,6 +18,21 @@ final class Broker
         return sprintf('amqp_rs.test.%s.%d.%s', $what, getmypid(), bin2hex(random_bytes(4)));
     }
 
+    /**
+     * Polls $condition until it returns true; fails the test naming $what once $timeout
+     * seconds have passed. Tests wait on conditions like this, never on fixed sleeps.
+     */
+    public static function eventually(callable $condition, string $what, float $timeout = 10.0): void
+    {
+        $deadline = microtime(true) + $timeout;
+        while (!$condition()) {
+            if (microtime(true) >= $deadline) {
+                throw new \PHPUnit\Framework\AssertionFailedError("not within {$timeout} s: $what");
+            }
+            usleep(10_000);
+        }
+    }
+
     /** Publishes with php-amqplib, an independent client, and waits for the confirms. */
     public static function publishWithAmqplib(string $exchange, string $routingKey, int $count): void
     {

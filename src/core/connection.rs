@@ -2,15 +2,14 @@
 //! topology commands go on, and what it makes: producers, consumers, `basic.get`, RPC calls.
 
 use crate::core::connect_options::ConnectOptions;
-use crate::core::consumer::{
-    poison_warning, settle, Consumer, ConsumerOptions, Settlement, DEAD_LETTERED,
-};
+use crate::core::consumer::{poison_warning, Consumer, ConsumerOptions, DEAD_LETTERED};
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::link::{Confirming, Link, CLOSE_TIMEOUT, COMMAND_TIMEOUT};
 use crate::core::pool;
 use crate::core::producer::{Outgoing, Producer, ProducerOptions};
 use crate::core::rpc::RpcClient;
 use crate::core::runtime;
+use crate::core::settlements::Settlement;
 use crate::core::shortstr::shortstr;
 use lapin::message::Delivery;
 use lapin::Channel;
@@ -185,7 +184,8 @@ impl Connection {
             let fate = if auto_ack {
                 "already acknowledged (autoAck): it is lost"
             } else {
-                settle(&delivery.acker, Settlement::Reject { requeue: false })?;
+                let how = Settlement::Reject { requeue: false };
+                self.link.settlements().send(&delivery.acker, how, false)?;
                 DEAD_LETTERED
             };
             warnings.push(poison_warning(&fields, tag, queue, self.endpoint(), fate));
@@ -269,7 +269,7 @@ impl Connection {
             }
         }
         // Acks of messages settled outside consume() (Connection::get) go out before the close.
-        let _ = crate::core::consumer::flush_settlements(CLOSE_TIMEOUT);
+        let _ = self.link.settlements().flush(CLOSE_TIMEOUT);
         if let Some(err) = channel_error {
             return Err(err);
         }

@@ -12,6 +12,7 @@ use crate::core::recovery::{
     RECOVERY_WAIT,
 };
 use crate::core::runtime;
+use crate::core::settlements::Unwritten;
 use crate::core::transport::CheckedKit;
 use crate::core::uri::{self, Endpoint};
 use lapin::options::QueueDeclareOptions;
@@ -76,6 +77,8 @@ pub(crate) struct Link {
     idle: ManuallyDrop<IdleChannels>,
     /// Kept in the process's pool between requests (the `persistent` option).
     persistent: bool,
+    /// Settlements handed to lapin and maybe not written yet (tagged with `generation`).
+    settlements: Arc<Unwritten>,
 }
 
 impl Link {
@@ -134,6 +137,7 @@ impl Link {
                         reply_channel: ManuallyDrop::new(Mutex::new(None)),
                         idle: ManuallyDrop::new(IdleChannels::default()),
                         persistent: options.persistent,
+                        settlements: Arc::new(Unwritten::new(generation)),
                     }));
                 }
                 Err(e) => failures.push(e),
@@ -357,6 +361,11 @@ impl Link {
     pub(crate) fn wait_for_change(&self, limit: Duration) {
         let seen = self.attempts.changes.seen();
         self.attempts.changes.wait(seen, limit.min(STATE_RECHECK));
+    }
+
+    /// The settlements of this connection that may not be written yet.
+    pub(crate) fn settlements(&self) -> &Arc<Unwritten> {
+        &self.settlements
     }
 
     /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).

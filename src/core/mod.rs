@@ -1,10 +1,12 @@
 //! The AMQP core: lapin on one background Tokio runtime, with no PHP types anywhere.
 
+pub mod ack_batch;
 pub mod confirms;
 pub mod connect_options;
 pub mod connection;
 pub mod consumer;
 pub mod delay;
+pub mod delivery;
 pub mod error;
 pub mod frame_size;
 pub mod idle_channels;
@@ -18,12 +20,16 @@ pub mod resolve;
 pub mod retry;
 pub mod rpc;
 pub mod runtime;
+pub mod settlements;
 pub mod shortstr;
 pub mod state_changes;
 pub mod stop_signals;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod topology;
 pub mod transport;
 pub mod uri;
+pub mod worker;
 
 /// The lapin version this build links, for `php --ri amqp_rs`.
 pub const LAPIN_VERSION: &str = env!("AMQP_RS_LAPIN_VERSION");

@@ -265,7 +265,8 @@ pub(crate) fn reply(
 mod tests {
     use super::*;
     use crate::core::connection::tests::connect;
-    use crate::core::consumer::{settle, ConsumerOptions, Settlement};
+    use crate::core::consumer::{ConsumerOptions, Incoming};
+    use crate::core::settlements::Settlement;
     use crate::core::topology::QueueSpec;
 
     fn request(queue: &str, body: &[u8]) -> Outgoing {
@@ -291,25 +292,26 @@ mod tests {
             .expect("consumer");
         let serve = std::thread::spawn(move || {
             for round in 0..2 {
-                let incoming = consumer
-                    .next(Duration::from_secs(10))
+                let Some(Incoming::Message(delivery)) = consumer
+                    .next(Duration::from_secs(10), false)
                     .expect("delivery")
-                    .expect("in time");
-                let delivery = incoming.delivery;
+                else {
+                    panic!("no delivery in time");
+                };
                 if round == 0 {
                     // Too slow for the first call, which times out: this reply arrives late.
                     std::thread::sleep(Duration::from_millis(600));
                 }
                 let reply_to = delivery.properties.reply_to().clone().expect("reply_to");
                 reply(
-                    &consumer.link(),
+                    delivery.link(),
                     reply_to.as_str(),
                     delivery.properties.correlation_id().clone(),
-                    &delivery.data.to_ascii_uppercase(),
+                    &delivery.body.to_ascii_uppercase(),
                     BasicProperties::default(),
                 )
                 .expect("reply");
-                settle(&delivery.acker, Settlement::Ack).expect("ack");
+                delivery.settle(Settlement::Ack, "ack").expect("ack");
             }
             drop(consumer);
             server

@@ -350,7 +350,7 @@ impl Connection {
                 priority,
             };
             let core = self.inner.consumer(&queues, &options)?;
-            Ok(Consumer::new(core, options.auto_ack))
+            Ok(Consumer::new(core))
         })
     }
 
@@ -363,7 +363,7 @@ impl Connection {
                 warn(&warning)?;
             }
             let link = self.inner.link_arc();
-            Ok(delivery.map(|d| Message::new(d, None, None, autoAck, Some(link))))
+            Ok(delivery.map(|d| Message::received(d, link, autoAck)))
         })
     }
 
@@ -414,7 +414,7 @@ impl Connection {
             };
             let reply = self.inner.rpc(request, Duration::from_secs_f64(timeout))?;
             let link = self.inner.link_arc();
-            Ok(Message::new(reply, None, None, true, Some(link)))
+            Ok(Message::received(reply, link, true))
         })
     }
 

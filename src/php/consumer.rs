@@ -1,265 +1,168 @@
-//! `AmqpRs\Consumer`: the worker loop that calls a PHP callable for each delivery.
+//! `AmqpRs\Consumer`: the PHP face of the worker loop (`core::worker`). Here: the options
+//! array, the callback call, PHP's signal handlers and memory use; the policy is the core's.
 
-use crate::core::consumer::{flush_settlements, Consumer as CoreConsumer, Settlement};
-use crate::core::error::ErrorKind;
-use crate::core::link::COMMAND_TIMEOUT;
-use crate::core::retry::{Retrier, RetryPolicy};
+use crate::core::consumer::{Consumer as CoreConsumer, Incoming};
+use crate::core::delivery::Delivery;
+use crate::core::retry::RetryPolicy;
 use crate::core::stop_signals::StopSignals;
+use crate::core::worker::{self, Control, Host, Limits, OnError, WorkerOptions, TICK};
 use crate::php::convert::{Options, PhpArray};
-use crate::php::exceptions::{guard, invalid_argument, type_error, warn, ExceptionClass};
+use crate::php::exceptions::{amqp_exception, guard, invalid_argument, type_error, warn};
 use crate::php::message::Message;
 use ext_php_rs::convert::IntoZval;
 use ext_php_rs::exception::{PhpException, PhpResult};
 use ext_php_rs::prelude::*;
-use ext_php_rs::types::ZendCallable;
-use ext_php_rs::types::{ZendClassObject, ZendObject};
+use ext_php_rs::types::{ZendCallable, ZendClassObject, ZendObject};
 use ext_php_rs::zend::ExecutorGlobals;
 use std::cell::{Cell, RefCell};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How long the loop waits for a delivery before it looks at its limits and lets PHP run its
-/// pending signal handlers.
-const TICK: Duration = Duration::from_millis(200);
 
 /// Consumes one or more queues; made by `Connection::consumer()`.
 #[php_class]
 #[php(name = "AmqpRs\\Consumer")]
 #[php(flags = ext_php_rs::flags::ClassFlags::Final)]
 pub struct Consumer {
-    // RefCell/Cell: the callback may call stop() or cancel() on this very object while
-    // consume() runs.
+    // RefCell: the callback may call next() or cancel() on this very object while consume()
+    // runs; the worker borrows it only between deliveries.
     inner: RefCell<CoreConsumer>,
-    auto_ack: bool,
-    stop: Cell<bool>,
-    cancel_requested: Cell<bool>,
-    /// Republishes failed messages (`on_error` 'retry'); made on the first failure.
-    retrier: RefCell<Option<Retrier>>,
-}
-
-/// What a callback that throws does to its message.
-#[derive(Clone)]
-enum OnError {
-    Requeue,
-    Reject,
-    /// Back to its queue after a delay, then to a dead-letter queue; consume() goes on.
-    Retry(RetryPolicy),
+    /// stop() and cancel() from a callback, read by the worker loop.
+    control: Control,
+    /// Whether consume() runs (cancel() then waits for the callback to return).
+    running: Cell<bool>,
 }
 
 impl Consumer {
     /// Wraps a core consumer made by `Connection::consumer()`.
-    pub(crate) fn new(inner: CoreConsumer, auto_ack: bool) -> Self {
+    pub(crate) fn new(inner: CoreConsumer) -> Self {
         Self {
             inner: RefCell::new(inner),
-            auto_ack,
-            stop: Cell::new(false),
-            cancel_requested: Cell::new(false),
-            retrier: RefCell::new(None),
+            control: Control::default(),
+            running: Cell::new(false),
+        }
+    }
+}
+
+/// Marks consume() as running until dropped, a panic included.
+struct Running<'a>(&'a Cell<bool>);
+
+impl<'a> Running<'a> {
+    fn start(flag: &'a Cell<bool>) -> Self {
+        flag.set(true);
+        Self(flag)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+/// The worker's host: calls the PHP callable on the PHP thread.
+struct PhpHost<'a, 'b> {
+    callback: &'a ZendCallable<'b>,
+}
+
+impl Host for PhpHost<'_, '_> {
+    type Error = PhpException;
+
+    fn handle(&mut self, delivery: Arc<Delivery>) -> PhpResult<()> {
+        let mut object = ZendClassObject::new(Message::new(delivery));
+        let zval = (&mut *object).into_zval(false)?;
+        match self.callback.try_call(vec![&zval]) {
+            Ok(_) => Ok(()),
+            // The callback's exception is pending in the engine and wins over this one (see
+            // PhpException::throw), so consume() lets it leave unchanged.
+            Err(_) => Err(amqp_exception("the consume() callback threw")),
         }
     }
 
-    /// Retries a message whose callback threw, or dead-letters it; acks it once the broker
-    /// has the copy. The callback's exception is consumed: the failure is handled.
-    fn retry(&self, message: &mut Message, queue: &str, policy: &RetryPolicy) -> PhpResult<()> {
-        let reason = match ExecutorGlobals::take_exception() {
+    fn take_failure(&mut self, _failure: PhpException) -> String {
+        match ExecutorGlobals::take_exception() {
             Some(mut thrown) => describe_exception(&mut thrown),
             None => "the callback failed".to_string(),
-        };
-        if !message.needs_settling() {
-            return Ok(());
-        }
-        let mut slot = self.retrier.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(Retrier::new(self.inner.borrow().link())?);
-        }
-        let Some(retrier) = slot.as_mut() else {
-            return Ok(());
-        };
-        let (body, properties) = message.content();
-        let (exchange, routing_key) = message.delivered_as();
-        match retrier.handle(
-            queue,
-            exchange,
-            routing_key,
-            body,
-            properties,
-            &reason,
-            policy,
-        ) {
-            Ok(_) => message.settle_once(Settlement::Ack, "ack after passing the message on"),
-            Err(err) => {
-                // Not passed on: back to its queue, nothing lost.
-                let _ = message.settle_once(Settlement::Nack { requeue: true }, "requeue");
-                Err(err.into())
-            }
         }
     }
 
-    fn run(&self, callback: &ZendCallable<'_>, options: &PhpArray<'_>) -> PhpResult<i64> {
-        let ctx = "consume() options";
-        let opts = Options::new(
-            options.table(),
-            &[
-                "max_messages",
-                "max_time",
-                "idle_timeout",
-                "memory_limit",
-                "stop_signals",
-                "on_error",
-                "max_retries",
-                "retry_delay",
-                "dead_letter",
-            ],
-            ctx,
-        )?;
-        let max_messages = opts.int_in("max_messages", 0, 0..=i64::MAX)?;
-        let max_time = seconds(&opts, "max_time")?;
-        let idle_timeout = seconds(&opts, "idle_timeout")?;
-        let memory_limit =
-            opts.int_in("memory_limit", 0, 0..=i64::MAX / (1024 * 1024))? * 1024 * 1024;
-        let on_error = match opts.string("on_error")?.as_deref() {
-            None | Some("requeue") => OnError::Requeue,
-            Some("reject") => OnError::Reject,
-            Some("retry") => {
-                let defaults = RetryPolicy::default();
-                OnError::Retry(RetryPolicy {
-                    max_retries: opts.int_in(
-                        "max_retries",
-                        i64::from(defaults.max_retries),
-                        0..=100,
-                    )? as u32,
-                    delay: opts.duration("retry_delay", defaults.delay)?,
-                    dead_letter: opts.string("dead_letter")?,
+    fn warn(&mut self, warning: &str) -> PhpResult<()> {
+        warn(warning)
+    }
+
+    fn idle(&mut self) {
+        dispatch_php_signals();
+    }
+
+    fn memory_usage(&mut self) -> u64 {
+        php_memory_usage()
+    }
+}
+
+/// The consume() options array, as the worker takes it.
+fn worker_options(options: &PhpArray<'_>) -> PhpResult<WorkerOptions> {
+    let ctx = "consume() options";
+    let opts = Options::new(
+        options.table(),
+        &[
+            "max_messages",
+            "max_time",
+            "idle_timeout",
+            "memory_limit",
+            "stop_signals",
+            "on_error",
+            "max_retries",
+            "retry_delay",
+            "dead_letter",
+        ],
+        ctx,
+    )?;
+    let limits = Limits {
+        max_messages: opts.int_in("max_messages", 0, 0..=i64::MAX)? as u64,
+        max_time: seconds(&opts, "max_time")?,
+        idle_timeout: seconds(&opts, "idle_timeout")?,
+        memory_limit: opts.int_in("memory_limit", 0, 0..=i64::MAX / (1024 * 1024))? as u64
+            * 1024
+            * 1024,
+    };
+    let on_error = match opts.string("on_error")?.as_deref() {
+        None | Some("requeue") => OnError::Requeue,
+        Some("reject") => OnError::Reject,
+        Some("retry") => {
+            let defaults = RetryPolicy::default();
+            let max = i64::from(defaults.max_retries);
+            OnError::Retry(RetryPolicy {
+                max_retries: opts.int_in("max_retries", max, 0..=100)? as u32,
+                delay: opts.duration("retry_delay", defaults.delay)?,
+                dead_letter: opts.string("dead_letter")?,
+            })
+        }
+        Some(other) => {
+            return Err(invalid_argument(format!(
+                "{ctx}: option 'on_error' must be 'requeue', 'reject' or 'retry', got '{other}'"
+            )))
+        }
+    };
+    let signals = match opts.array("stop_signals")? {
+        None => vec![i64::from(libc::SIGTERM), i64::from(libc::SIGINT)],
+        Some(list) => list
+            .values()
+            .map(|v| {
+                v.dereference().long().ok_or_else(|| {
+                    type_error(format!(
+                        "{ctx}: 'stop_signals' must be a list of signal numbers"
+                    ))
                 })
-            }
-            Some(other) => {
-                return Err(invalid_argument(format!(
-                    "{ctx}: option 'on_error' must be 'requeue', 'reject' or 'retry', got '{other}'"
-                )))
-            }
-        };
-        let signals = match opts.array("stop_signals")? {
-            None => vec![i64::from(libc::SIGTERM), i64::from(libc::SIGINT)],
-            Some(list) => list
-                .values()
-                .map(|v| {
-                    v.dereference().long().ok_or_else(|| {
-                        type_error(format!(
-                            "{ctx}: 'stop_signals' must be a list of signal numbers"
-                        ))
-                    })
-                })
-                .collect::<PhpResult<Vec<i64>>>()?,
-        };
-        let with_chain: Vec<(i64, bool)> = signals
+            })
+            .collect::<PhpResult<Vec<i64>>>()?,
+    };
+    Ok(WorkerOptions {
+        limits,
+        on_error,
+        stop_signals: signals
             .iter()
             .map(|&sig| (sig, has_pcntl_handler(sig)))
-            .collect();
-        let stop_signals = StopSignals::install(&with_chain)?;
-        let started = Instant::now();
-        let mut last_activity = started;
-        let mut handled: i64 = 0;
-        self.stop.set(false);
-        loop {
-            if self.cancel_requested.take() {
-                self.inner.borrow_mut().cancel()?;
-            }
-            if self.stop.get() || stop_signals.triggered() {
-                break;
-            }
-            if max_messages > 0 && handled >= max_messages {
-                break;
-            }
-            let now = Instant::now();
-            let mut wait = TICK;
-            if let Some(limit) = max_time {
-                let Some(left) = limit.checked_sub(now - started) else {
-                    break;
-                };
-                wait = wait.min(left);
-            }
-            if let Some(limit) = idle_timeout {
-                let Some(left) = limit.checked_sub(now - last_activity) else {
-                    break;
-                };
-                wait = wait.min(left);
-            }
-            let next = self.inner.borrow_mut().next(wait);
-            let incoming = match next {
-                Ok(Some(incoming)) => incoming,
-                Ok(None) => {
-                    dispatch_php_signals();
-                    continue;
-                }
-                Err(e) if e.kind() == ErrorKind::Other && self.cancel_requested.get() => break,
-                Err(e) => return Err(e.into()),
-            };
-            last_activity = Instant::now();
-            if let Some(warning) = incoming.poisoned {
-                // Settled already; the application never sees a message with `?` for bytes.
-                if let Err(thrown) = warn(&warning) {
-                    let _ = self.inner.borrow().flush_acks();
-                    return Err(thrown);
-                }
-                continue;
-            }
-            let message = Message::new(
-                incoming.delivery,
-                Some(incoming.consumer_tag),
-                incoming.batch,
-                self.auto_ack,
-                Some(self.inner.borrow().link()),
-            );
-            let queue = incoming.queue;
-            let mut object = ZendClassObject::new(message);
-            let result = {
-                let zval = (&mut *object).into_zval(false)?;
-                callback.try_call(vec![&zval])
-            };
-            handled += 1;
-            match result {
-                Ok(_) => {
-                    if object.needs_settling() {
-                        object.settle_once(Settlement::Ack, "settle after the callback")?;
-                    }
-                }
-                Err(_) if !self.auto_ack && matches!(on_error, OnError::Retry(_)) => {
-                    if let OnError::Retry(policy) = &on_error {
-                        if let Err(err) = self.retry(&mut object, &queue, policy) {
-                            let _ = self.inner.borrow().flush_acks();
-                            return Err(err);
-                        }
-                    }
-                }
-                Err(_) => {
-                    // The callback threw: settle per on_error, then let its exception leave
-                    // consume() unchanged (it is still pending in the engine).
-                    if object.needs_settling() {
-                        let how = match on_error {
-                            OnError::Requeue | OnError::Retry(_) => {
-                                Settlement::Nack { requeue: true }
-                            }
-                            OnError::Reject => Settlement::Reject { requeue: false },
-                        };
-                        let _ = object.settle_once(how, "settle after the callback threw");
-                    }
-                    let _ = self.inner.borrow().flush_acks();
-                    let _ = flush_settlements(COMMAND_TIMEOUT);
-                    // The pending exception wins over this one (see PhpException::throw).
-                    return Err(PhpException::new(
-                        "the consume() callback threw".to_string(),
-                        0,
-                        ExceptionClass::Base.ce(),
-                    ));
-                }
-            }
-            if memory_limit > 0 && php_memory_usage() >= memory_limit {
-                break;
-            }
-        }
-        self.inner.borrow().flush_acks()?;
-        flush_settlements(COMMAND_TIMEOUT)?;
-        Ok(handled)
-    }
+            .collect(),
+    })
 }
 
 /// `Class: message` of a thrown exception, for the dead-letter reason header.
@@ -296,27 +199,34 @@ fn has_pcntl_handler(sig: i64) -> bool {
 }
 
 /// PHP's own memory use in bytes, as `memory_get_usage()` reports it.
-fn php_memory_usage() -> i64 {
+fn php_memory_usage() -> u64 {
     ZendCallable::try_from_name("memory_get_usage")
         .ok()
         .and_then(|f| f.try_call(vec![]).ok())
         .and_then(|z| z.long())
-        .unwrap_or(0)
+        .map_or(0, |n| u64::try_from(n).unwrap_or(0))
 }
 
 #[php_impl]
 impl Consumer {
     /// Calls `$callback(Message $m)` for each delivery until a limit, stop() or a signal;
-    /// returns how many messages were handled.
+    /// returns how many messages were handled. When it returns, the deliveries it had not
+    /// handed to the callback yet go back to the queue.
     #[php(defaults(options = PhpArray::EMPTY))]
     pub fn consume(&self, callback: ZendCallable<'_>, options: PhpArray<'_>) -> PhpResult<i64> {
         guard("AmqpRs\\Consumer::consume()", || {
-            if self.inner.try_borrow_mut().is_err() {
+            if self.running.get() || self.inner.try_borrow_mut().is_err() {
                 return Err(invalid_argument(
                     "consume() is already running on this consumer",
                 ));
             }
-            self.run(&callback, &options)
+            let options = worker_options(&options)?;
+            let mut host = PhpHost {
+                callback: &callback,
+            };
+            let _running = Running::start(&self.running);
+            let handled = worker::run(&self.inner, &self.control, &options, &mut host)?;
+            Ok(i64::try_from(handled).unwrap_or(i64::MAX))
         })
     }
 
@@ -353,46 +263,40 @@ impl Consumer {
                 let Ok(mut inner) = self.inner.try_borrow_mut() else {
                     return Err(invalid_argument("next() cannot run while consume() waits"));
                 };
-                let Some(incoming) = inner.next(left.min(TICK))? else {
-                    drop(inner);
-                    dispatch_php_signals();
-                    if left <= TICK {
-                        return Ok(None);
-                    }
-                    continue;
-                };
-                let link = inner.link();
+                let next = inner.next(left.min(TICK), false)?;
                 drop(inner);
-                if let Some(warning) = incoming.poisoned {
+                match next {
+                    Some(Incoming::Message(delivery)) => return Ok(Some(Message::new(delivery))),
                     // Settled already; the application never sees a message with `?` bytes.
-                    warn(&warning)?;
-                    continue;
+                    Some(Incoming::Poisoned(warning)) => warn(&warning)?,
+                    None => {
+                        dispatch_php_signals();
+                        if left <= TICK {
+                            return Ok(None);
+                        }
+                    }
                 }
-                return Ok(Some(Message::new(
-                    incoming.delivery,
-                    Some(incoming.consumer_tag),
-                    None,
-                    self.auto_ack,
-                    Some(link),
-                )));
             }
         })
     }
 
     /// Makes consume() return after the message in hand.
     pub fn stop(&self) {
-        self.stop.set(true);
+        self.control.stop();
     }
 
-    /// Cancels the subscription (basic.cancel); from inside a callback it takes effect when the
-    /// callback returns.
+    /// Cancels the subscription (basic.cancel) and gives the deliveries not handed out yet
+    /// back to the queue; from inside a callback it takes effect when the callback returns.
     pub fn cancel(&self) -> PhpResult<()> {
         guard("AmqpRs\\Consumer::cancel()", || {
+            if self.running.get() {
+                self.control.request_cancel();
+                return Ok(());
+            }
             match self.inner.try_borrow_mut() {
                 Ok(mut inner) => Ok(inner.cancel()?),
                 Err(_) => {
-                    self.cancel_requested.set(true);
-                    self.stop.set(true);
+                    self.control.request_cancel();
                     Ok(())
                 }
             }

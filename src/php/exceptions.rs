@@ -203,6 +203,11 @@ fn throw_publish_exception(err: &Error) -> PhpException {
     PhpException::new(err.message().to_string(), 0, ce)
 }
 
+/// An `AmqpRs\Exception`, the base class, for failures no subclass names.
+pub fn amqp_exception(message: impl Into<String>) -> PhpException {
+    PhpException::new(message.into(), 0, ExceptionClass::Base.ce())
+}
+
 /// A PHP `TypeError`, for values of the wrong PHP type inside arrays.
 pub fn type_error(message: impl Into<String>) -> PhpException {
     PhpException::new(message.into(), 0, ce::type_error())
@@ -249,11 +254,9 @@ pub fn guard<T>(what: &str, body: impl FnOnce() -> PhpResult<T>) -> PhpResult<T>
                 .map(|s| (*s).to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".to_string());
-            Err(PhpException::new(
-                format!("{what}: internal error in amqp_rs: {detail}"),
-                0,
-                ExceptionClass::Base.ce(),
-            ))
+            Err(amqp_exception(format!(
+                "{what}: internal error in amqp_rs: {detail}"
+            )))
         }
     }
 }
@@ -263,11 +266,7 @@ pub fn guard<T>(what: &str, body: impl FnOnce() -> PhpResult<T>) -> PhpResult<T>
 pub(crate) fn warn(message: &str) -> PhpResult<()> {
     ext_php_rs::error::php_error(&ext_php_rs::flags::ErrorType::Warning, message);
     if ext_php_rs::zend::ExecutorGlobals::has_exception() {
-        return Err(PhpException::new(
-            "the error handler threw".to_string(),
-            0,
-            ExceptionClass::Base.ce(),
-        ));
+        return Err(amqp_exception("the error handler threw"));
     }
     Ok(())
 }

@@ -1,39 +1,26 @@
 //! `AmqpRs\Message`: a delivered message, its properties and its settlement.
 
-use crate::core::consumer::{settle, AckBatch, Settlement};
-use crate::core::link::Link;
+use crate::core::delivery::Delivery;
 use crate::core::rpc;
+use crate::core::settlements::Settlement;
 use crate::php::convert::{from_amqp_value, from_field_table, to_properties, PhpArray};
-use crate::php::exceptions::{guard, ExceptionClass};
+use crate::php::exceptions::{amqp_exception, guard};
 use ext_php_rs::binary::Binary;
 use ext_php_rs::binary_slice::BinarySlice;
 use ext_php_rs::boxed::ZBox;
-use ext_php_rs::exception::{PhpException, PhpResult};
+use ext_php_rs::exception::PhpResult;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendHashTable, Zval};
 use lapin::types::ShortString;
-use lapin::{Acker, BasicProperties};
 use std::sync::Arc;
 
-/// A message delivered by a consumer or fetched with `Connection::get()`.
+/// A message delivered by a consumer, fetched with `Connection::get()`, or an RPC reply.
+/// The worker loop shares its delivery, to settle what the callback left.
 #[php_class]
 #[php(name = "AmqpRs\\Message")]
 #[php(flags = ext_php_rs::flags::ClassFlags::Final)]
 pub struct Message {
-    body: Vec<u8>,
-    routing_key: String,
-    exchange: String,
-    delivery_tag: u64,
-    redelivered: bool,
-    consumer_tag: Option<String>,
-    properties: BasicProperties,
-    /// None when the broker considers it settled already (auto_ack).
-    acker: Option<Acker>,
-    /// The consumer's held acks; None for `Connection::get()`.
-    batch: Option<Arc<AckBatch>>,
-    settled: bool,
-    /// The connection it came on, for `reply()`.
-    link: Option<Arc<Link>>,
+    delivery: Arc<Delivery>,
 }
 
 fn short(value: &Option<ShortString>) -> Option<String> {
@@ -41,37 +28,29 @@ fn short(value: &Option<ShortString>) -> Option<String> {
 }
 
 impl Message {
-    /// A message from a delivery; `acker` is None in auto-ack mode.
-    pub(crate) fn new(
-        delivery: lapin::message::Delivery,
-        consumer_tag: Option<String>,
-        batch: Option<Arc<AckBatch>>,
-        auto_ack: bool,
-        link: Option<Arc<Link>>,
-    ) -> Self {
-        Self {
-            body: delivery.data,
-            routing_key: delivery.routing_key.as_str().to_string(),
-            exchange: delivery.exchange.as_str().to_string(),
-            delivery_tag: delivery.delivery_tag,
-            redelivered: delivery.redelivered,
-            consumer_tag,
-            properties: delivery.properties,
-            acker: (!auto_ack).then_some(delivery.acker),
-            batch,
-            settled: auto_ack,
-            link,
-        }
+    pub(crate) fn new(delivery: Arc<Delivery>) -> Self {
+        Self { delivery }
     }
 
-    /// The exchange and routing key it was delivered with (not the originals of a retry).
-    pub(crate) fn delivered_as(&self) -> (&str, &str) {
-        (&self.exchange, &self.routing_key)
+    /// A message from `basic.get` or an RPC reply: its ack, if any, goes out at once.
+    pub(crate) fn received(
+        delivery: lapin::message::Delivery,
+        link: Arc<crate::core::link::Link>,
+        auto_ack: bool,
+    ) -> Self {
+        Self::new(Arc::new(Delivery::new(delivery, link, auto_ack, None)))
     }
 
     /// A header kept by a retry (`x-original-exchange`, `x-original-routing-key`), if any.
     fn original(&self, header: &str) -> Option<String> {
-        match self.properties.headers().as_ref()?.inner().get(header)? {
+        match self
+            .delivery
+            .properties
+            .headers()
+            .as_ref()?
+            .inner()
+            .get(header)?
+        {
             lapin::types::AMQPValue::LongString(s) => {
                 Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
             }
@@ -79,38 +58,8 @@ impl Message {
         }
     }
 
-    /// Its body and properties, for passing it on (retries, dead letters).
-    pub(crate) fn content(&self) -> (&[u8], &BasicProperties) {
-        (&self.body, &self.properties)
-    }
-
-    /// Whether the message still waits for ack/nack/reject.
-    pub(crate) fn needs_settling(&self) -> bool {
-        !self.settled && self.acker.is_some()
-    }
-
-    /// Settles it once; a second settlement, or one in auto-ack mode, is an `AmqpRs\Exception`.
-    pub(crate) fn settle_once(&mut self, how: Settlement, what: &str) -> PhpResult<()> {
-        let Some(acker) = self.acker.as_ref() else {
-            return Err(PhpException::new(
-                format!("{what}: the message was delivered with auto_ack, the broker settled it already"),
-                0,
-                ExceptionClass::Base.ce(),
-            ));
-        };
-        if self.settled {
-            return Err(PhpException::new(
-                format!("{what}: message {} is settled already", self.delivery_tag),
-                0,
-                ExceptionClass::Base.ce(),
-            ));
-        }
-        self.settled = true;
-        match &self.batch {
-            Some(batch) => batch.settle(acker, self.delivery_tag, how)?,
-            None => settle(acker, how)?,
-        };
-        Ok(())
+    fn settle(&self, how: Settlement, what: &str) -> PhpResult<()> {
+        guard(what, || Ok(self.delivery.settle(how, what)?))
     }
 }
 
@@ -118,16 +67,17 @@ impl Message {
 impl Message {
     /// The body, any bytes.
     pub fn get_body(&self) -> Binary<u8> {
-        Binary::from(self.body.clone())
+        Binary::from(self.delivery.body.clone())
     }
 
     /// The body decoded as JSON (objects as arrays); `AmqpRs\Exception` when it is not JSON.
     pub fn json(&self) -> PhpResult<Zval> {
+        let d = &self.delivery;
         let what = format!(
             "AmqpRs\\Message::json() of message {} (routing key '{}')",
-            self.delivery_tag, self.routing_key
+            d.delivery_tag, d.routing_key
         );
-        crate::php::json::decode(&self.body, &what)
+        crate::php::json::decode(&d.body, &what)
     }
 
     /// Publishes `body` to this message's `reply_to` with its `correlation_id` copied, and
@@ -135,29 +85,18 @@ impl Message {
     #[php(defaults(properties = PhpArray::EMPTY))]
     pub fn reply(&self, body: BinarySlice<'_, u8>, properties: PhpArray<'_>) -> PhpResult<()> {
         guard("AmqpRs\\Message::reply()", || {
-            let Some(reply_to) = self.properties.reply_to().as_ref() else {
-                return Err(PhpException::new(
-                    format!(
-                        "AmqpRs\\Message::reply(): message {} (routing key '{}') has no reply_to",
-                        self.delivery_tag, self.routing_key
-                    ),
-                    0,
-                    ExceptionClass::Base.ce(),
-                ));
-            };
-            let Some(link) = self.link.as_ref() else {
-                return Err(PhpException::new(
-                    "AmqpRs\\Message::reply(): the message has no connection to reply on"
-                        .to_string(),
-                    0,
-                    ExceptionClass::Base.ce(),
-                ));
+            let d = &self.delivery;
+            let Some(reply_to) = d.properties.reply_to().as_ref() else {
+                return Err(amqp_exception(format!(
+                    "AmqpRs\\Message::reply(): message {} (routing key '{}') has no reply_to",
+                    d.delivery_tag, d.routing_key
+                )));
             };
             let properties = to_properties(properties.table())?;
             rpc::reply(
-                link,
+                d.link(),
                 reply_to.as_str(),
-                self.properties.correlation_id().clone(),
+                d.properties.correlation_id().clone(),
                 &body,
                 properties,
             )?;
@@ -168,41 +107,41 @@ impl Message {
     /// Which attempt at handling this is: 1, then 2 on its first retry (consume() option
     /// `on_error` 'retry'), and so on.
     pub fn get_attempt(&self) -> i64 {
-        i64::from(crate::core::retry::attempt(&self.properties))
+        i64::from(crate::core::retry::attempt(&self.delivery.properties))
     }
 
     /// The routing key it was published with (a retried message's original one).
     pub fn get_routing_key(&self) -> String {
         self.original(crate::core::retry::ROUTING_KEY_HEADER)
-            .unwrap_or_else(|| self.routing_key.clone())
+            .unwrap_or_else(|| self.delivery.routing_key.clone())
     }
 
     /// The exchange it was published to ('' for the default exchange; a retried message's
     /// original one).
     pub fn get_exchange(&self) -> String {
         self.original(crate::core::retry::EXCHANGE_HEADER)
-            .unwrap_or_else(|| self.exchange.clone())
+            .unwrap_or_else(|| self.delivery.exchange.clone())
     }
 
     /// The delivery tag on its channel.
     pub fn get_delivery_tag(&self) -> i64 {
-        i64::try_from(self.delivery_tag).unwrap_or(i64::MAX)
+        i64::try_from(self.delivery.delivery_tag).unwrap_or(i64::MAX)
     }
 
     /// Whether the broker delivered it before (to this or another consumer).
     pub fn is_redelivered(&self) -> bool {
-        self.redelivered
+        self.delivery.redelivered
     }
 
     /// Tag of the consumer that received it; null for `Connection::get()`.
     pub fn get_consumer_tag(&self) -> Option<String> {
-        self.consumer_tag.clone()
+        self.delivery.consumer_tag.clone()
     }
 
     /// The properties that are set, keyed as in `Producer::publish()`.
     pub fn get_properties(&self) -> PhpResult<ZBox<ZendHashTable>> {
         guard("AmqpRs\\Message::getProperties()", || {
-            let p = &self.properties;
+            let p = &self.delivery.properties;
             let mut out = ZendHashTable::new();
             let strings = [
                 ("content_type", p.content_type()),
@@ -238,7 +177,7 @@ impl Message {
 
     /// The headers table as a PHP array ([] when none).
     pub fn get_headers(&self) -> PhpResult<ZBox<ZendHashTable>> {
-        match self.properties.headers() {
+        match self.delivery.properties.headers() {
             Some(headers) => from_field_table(headers),
             None => Ok(ZendHashTable::new()),
         }
@@ -247,6 +186,7 @@ impl Message {
     /// One header, or `$default` when absent.
     pub fn get_header(&self, name: &str, default: Option<&Zval>) -> PhpResult<Zval> {
         let found = self
+            .delivery
             .properties
             .headers()
             .as_ref()
@@ -263,81 +203,76 @@ impl Message {
 
     /// `content_type` property.
     pub fn get_content_type(&self) -> Option<String> {
-        short(self.properties.content_type())
+        short(self.delivery.properties.content_type())
     }
 
     /// `message_id` property.
     pub fn get_message_id(&self) -> Option<String> {
-        short(self.properties.message_id())
+        short(self.delivery.properties.message_id())
     }
 
     /// `correlation_id` property.
     pub fn get_correlation_id(&self) -> Option<String> {
-        short(self.properties.correlation_id())
+        short(self.delivery.properties.correlation_id())
     }
 
     /// `reply_to` property.
     pub fn get_reply_to(&self) -> Option<String> {
-        short(self.properties.reply_to())
+        short(self.delivery.properties.reply_to())
     }
 
     /// `priority` property.
     pub fn get_priority(&self) -> Option<i64> {
-        self.properties.priority().map(i64::from)
+        self.delivery.properties.priority().map(i64::from)
     }
 
     /// `timestamp` property (seconds).
     pub fn get_timestamp(&self) -> Option<i64> {
-        self.properties
+        self.delivery
+            .properties
             .timestamp()
             .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
     }
 
     /// `type` property.
     pub fn get_type(&self) -> Option<String> {
-        short(self.properties.kind())
+        short(self.delivery.properties.kind())
     }
 
     /// `app_id` property.
     pub fn get_app_id(&self) -> Option<String> {
-        short(self.properties.app_id())
+        short(self.delivery.properties.app_id())
     }
 
     /// `expiration` property (milliseconds, as the string AMQP carries).
     pub fn get_expiration(&self) -> Option<String> {
-        short(self.properties.expiration())
+        short(self.delivery.properties.expiration())
     }
 
     /// `delivery_mode` property: 1 transient, 2 persistent.
     pub fn get_delivery_mode(&self) -> Option<i64> {
-        self.properties.delivery_mode().map(i64::from)
+        self.delivery.properties.delivery_mode().map(i64::from)
     }
 
     /// Acknowledges it: handled.
-    pub fn ack(&mut self) -> PhpResult<()> {
-        guard("AmqpRs\\Message::ack()", || {
-            self.settle_once(Settlement::Ack, "AmqpRs\\Message::ack()")
-        })
+    pub fn ack(&self) -> PhpResult<()> {
+        self.settle(Settlement::Ack, "AmqpRs\\Message::ack()")
     }
 
     /// Not handled: requeued, or dead-lettered with `$requeue = false`.
     #[php(defaults(requeue = true))]
-    pub fn nack(&mut self, requeue: bool) -> PhpResult<()> {
-        guard("AmqpRs\\Message::nack()", || {
-            self.settle_once(Settlement::Nack { requeue }, "AmqpRs\\Message::nack()")
-        })
+    pub fn nack(&self, requeue: bool) -> PhpResult<()> {
+        self.settle(Settlement::Nack { requeue }, "AmqpRs\\Message::nack()")
     }
 
     /// Refused: dead-lettered, or requeued with `$requeue = true`.
     #[php(defaults(requeue = false))]
-    pub fn reject(&mut self, requeue: bool) -> PhpResult<()> {
-        guard("AmqpRs\\Message::reject()", || {
-            self.settle_once(Settlement::Reject { requeue }, "AmqpRs\\Message::reject()")
-        })
+    pub fn reject(&self, requeue: bool) -> PhpResult<()> {
+        self.settle(Settlement::Reject { requeue }, "AmqpRs\\Message::reject()")
     }
 
     /// Whether it was acked, nacked or rejected (always true with auto_ack).
     pub fn is_settled(&self) -> bool {
-        self.settled
+        self.delivery.is_settled()
     }
 }

@@ -1,0 +1,68 @@
+//! What the cargo tests share: a connection to the test broker, names no concurrent run
+//! shares, and waiting on a condition instead of sleeping.
+
+use crate::core::connect_options::ConnectOptions;
+use crate::core::connection::Connection;
+use crate::core::producer::{Outgoing, ProducerOptions};
+use crate::core::topology::QueueSpec;
+use lapin::BasicProperties;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub(crate) const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub(crate) fn connect() -> Connection {
+    Connection::open(&[BROKER.to_string()], &ConnectOptions::default()).expect("broker up")
+}
+
+/// `amqp_rs.core.<prefix>.<pid>.<n>`: unique between tests of a run and between runs.
+pub(crate) fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("amqp_rs.core.{prefix}.{}.{n}", std::process::id())
+}
+
+/// Polls `condition` until it holds; panics naming `what` after 10 s.
+pub(crate) fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "not within 10 s: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A fresh, empty, non-durable queue that outlives the connection (delete it after use).
+pub(crate) fn temp_queue(conn: &mut Connection, prefix: &str) -> String {
+    let queue = unique(prefix);
+    let spec = QueueSpec {
+        durable: false,
+        auto_delete: false,
+        ..QueueSpec::default()
+    };
+    conn.declare_queue(&queue, spec).expect("queue");
+    queue
+}
+
+/// Publishes `n` messages (bodies 0, 1, ...) to `queue` and waits for their confirms.
+pub(crate) fn publish(conn: &mut Connection, queue: &str, n: u8) {
+    let producer = conn.producer(ProducerOptions::default()).expect("producer");
+    let mut producer = producer.lock().expect("lock");
+    for i in 0..n {
+        producer
+            .publish(Outgoing {
+                exchange: String::new(),
+                routing_key: queue.to_string(),
+                body: vec![i],
+                properties: BasicProperties::default(),
+            })
+            .expect("publish");
+    }
+    producer
+        .wait_for_confirms(Duration::from_secs(5))
+        .expect("confirms");
+}
+
+/// Messages ready in `queue` (not delivered to a consumer).
+pub(crate) fn ready(conn: &mut Connection, queue: &str) -> u32 {
+    conn.queue_status(queue).expect("status").messages
+}
