@@ -101,6 +101,21 @@ final class ConnectionTest extends TestCase
         $conn->close();
     }
 
+    public function testAUriThatSetsHeartbeatOrTimeoutIsRefusedRatherThanOverwritten(): void
+    {
+        // The options set both for every broker of the list; a URI's own value would be
+        // silently replaced, so it is refused with the option to use instead.
+        foreach (['heartbeat=5' => "option 'heartbeat'", 'connection_timeout=500' => "option 'connect_timeout'"] as $query => $hint) {
+            try {
+                new Connection(Broker::URI . '?' . $query);
+                $this->fail("?$query was accepted");
+            } catch (InvalidArgumentException $e) {
+                $this->assertStringContainsString($hint, $e->getMessage());
+                $this->assertStringNotContainsString('guest:guest', $e->getMessage());
+            }
+        }
+    }
+
     public function testVarDumpOfAConnectionShowsNoPassword(): void
     {
         $conn = new Connection('amqp://guest:guest@127.0.0.1:5672/%2f');

@@ -40,7 +40,9 @@ class PublishException extends Exception
 final class Connection
 {
     /**
-     * @param string|list<string> $uri one amqp:// or amqps:// URI, or a list tried in order
+     * @param string|list<string> $uri one amqp:// or amqps:// URI, or a list tried in order;
+     *     a URI may not set ?heartbeat= or ?connection_timeout= (\InvalidArgumentException):
+     *     the options below set them for every broker of the list
      * @param array{heartbeat?: int, connect_timeout?: float, name?: string, reconnect?: bool,
      *     tls?: array{cafile?: string, certfile?: string, keyfile?: string, verify?: bool},
      *     persistent?: bool} $options

@@ -26,7 +26,8 @@ pub struct TlsOptions {
 /// Settings of a connection, as the PHP `Connection` options give them.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// Heartbeat interval asked of the broker, in seconds; 0 turns heartbeats off.
+    /// Heartbeat interval asked of the broker, in seconds; with 0, lapin takes the broker's
+    /// proposal (RabbitMQ's is 60 s): heartbeats stay on.
     pub heartbeat: u16,
     /// Bound on TCP connect + TLS + AMQP handshake, per broker tried.
     pub connect_timeout: Duration,
@@ -92,7 +93,8 @@ pub(crate) fn tls_config(tls: &TlsOptions) -> Result<OwnedTLSConfig> {
     })
 }
 
-/// The URI lapin connects to for `endpoint`, with the options that travel in its query.
+/// The URI lapin connects to for `endpoint`, with the options that travel in its query
+/// (`uri::parse` refuses a URI that sets them itself).
 pub(crate) fn prepared(endpoint: &Endpoint, options: &ConnectOptions) -> AMQPUri {
     let mut uri = endpoint.uri.clone();
     uri.query.heartbeat = Some(options.heartbeat);

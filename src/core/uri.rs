@@ -106,11 +106,24 @@ pub fn parse(raw: &str) -> Result<Endpoint> {
         None => None,
         Some((_, v)) => Some(v.parse().map_err(|_| bad("unknown auth_mechanism"))?),
     };
+    // The connection's options set these for every broker of the list; a URI's own value
+    // would be overwritten without a word, so it is refused instead.
+    for (key, option) in [
+        ("heartbeat", "heartbeat"),
+        ("connection_timeout", "connect_timeout"),
+    ] {
+        if url.query_pairs().any(|(k, _)| k == key) {
+            return Err(bad(&format!(
+                "query parameter '{key}' is not read from a URI: give the connection option \
+                 '{option}' instead (it applies to every broker of the list)"
+            )));
+        }
+    }
     let query = AMQPQueryString {
         frame_max: query_int(&url, "frame_max", raw)?,
         channel_max: query_int(&url, "channel_max", raw)?,
-        heartbeat: query_int(&url, "heartbeat", raw)?,
-        connection_timeout: query_int(&url, "connection_timeout", raw)?,
+        heartbeat: None,
+        connection_timeout: None,
         auth_mechanism,
     };
     let display = format!(
@@ -159,9 +172,9 @@ mod tests {
         assert_eq!(ep.uri.authority.userinfo.username, "guest");
         let empty = parse("amqp://h/").expect("valid");
         assert_eq!(empty.uri.vhost, "");
-        let named = parse("amqp://h/my%20vhost?heartbeat=5").expect("valid");
+        let named = parse("amqp://h/my%20vhost?frame_max=8192").expect("valid");
         assert_eq!(named.uri.vhost, "my vhost");
-        assert_eq!(named.uri.query.heartbeat, Some(5));
+        assert_eq!(named.uri.query.frame_max, Some(8192));
     }
 
     #[test]
@@ -173,8 +186,24 @@ mod tests {
         assert!(err.message().starts_with("invalid AMQP URI 'not a uri'"));
         let err = parse("amqp://u:hunter2@h:99999999/").expect_err("port");
         assert!(!err.message().contains("hunter2"), "{}", err.message());
-        let err = parse("amqp://u:p@h/?heartbeat=x").expect_err("query");
-        assert!(err.message().contains("heartbeat"));
+        let err = parse("amqp://u:p@h/?channel_max=x").expect_err("query");
+        assert!(err.message().contains("channel_max"));
+    }
+
+    #[test]
+    fn refuses_what_the_connection_options_set() {
+        let err = parse("amqp://u:p@h/?heartbeat=5").expect_err("heartbeat");
+        assert!(
+            err.message().contains("option 'heartbeat'"),
+            "{}",
+            err.message()
+        );
+        let err = parse("amqp://u:p@h/?connection_timeout=500").expect_err("timeout");
+        assert!(
+            err.message().contains("option 'connect_timeout'"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]
