@@ -68,8 +68,7 @@ final class ConsumerTest extends TestCase
         }, ['max_messages' => 5]);
         $this->assertSame(5, $n);
         $this->assertSame(['m0', 'm1', 'm2', 'm3', 'm4'], $seen);
-        usleep(200_000);
-        $this->assertSame(0, $this->total());
+        Broker::eventually(fn () => $this->total() === 0, 'all 5 acked');
     }
 
     public function testMessageCarriesEveryPropertyAndNestedHeaders(): void
@@ -180,9 +179,10 @@ final class ConsumerTest extends TestCase
             $this->fail('the exception must leave consume()');
         } catch (LogicException) {
         }
-        usleep(200_000);
-        $dead = $this->conn->get($dlq, true);
-        $this->assertNotNull($dead);
+        $dead = null;
+        Broker::eventually(function () use ($dlq, &$dead) {
+            return ($dead = $this->conn->get($dlq, true)) !== null;
+        }, 'the message in the dead-letter queue');
         $this->assertSame('poison', $dead->getBody());
         $this->assertSame(0, $this->conn->deleteQueue($q));
     }
@@ -198,8 +198,7 @@ final class ConsumerTest extends TestCase
         });
         $this->assertSame(2, $n);
         $consumer->cancel();
-        usleep(200_000);
-        $this->assertSame(3, $this->total());
+        Broker::eventually(fn () => $this->total() === 3, 'm0 and m1 acked, 3 left');
     }
 
     public function testIdleTimeoutAndMaxTimeEndAnIdleWorker(): void
@@ -304,8 +303,7 @@ final class ConsumerTest extends TestCase
         $this->assertSame(1, $n);
         $this->assertTrue($conn->isConnected());
         $conn->close();
-        usleep(200_000);
-        $this->assertSame(0, $this->total(), 'the ack landed');
+        Broker::eventually(fn () => $this->total() === 0, 'the ack landed');
     }
 
     public function testNextPullsFromThePrefetchBufferAndLeavesSettlingToTheCaller(): void
@@ -327,8 +325,7 @@ final class ConsumerTest extends TestCase
         sort($seen);
         $this->assertSame(['m0', 'm2'], $seen, 'the nacked one came back, the acked one did not');
         $this->assertNull($consumer->next(0), 'null when nothing is there');
-        usleep(200_000);
-        $this->assertSame(0, $this->total(), 'every ack was sent');
+        Broker::eventually(fn () => $this->total() === 0, 'every ack was sent');
     }
 
     public function testNextLeavesUnsettledMessagesToTheBrokerWhenTheConsumerGoes(): void
@@ -337,8 +334,10 @@ final class ConsumerTest extends TestCase
         $consumer = $this->conn->consumer($this->queue, ['prefetch' => 10]);
         $this->assertSame('m0', $consumer->next(5)?->getBody());
         unset($consumer);
-        usleep(300_000);
-        $this->assertSame(2, $this->total(), 'the unsettled message is back in the queue');
+        Broker::eventually(
+            fn () => Broker::countWithAmqplib($this->queue) === 2,
+            'the unsettled message is back in the queue, ready'
+        );
     }
 
     public function testNextReturnsAtOnceOnASigtermTheScriptHandles(): void
@@ -358,5 +357,41 @@ final class ConsumerTest extends TestCase
         } finally {
             pcntl_signal(SIGTERM, SIG_DFL);
         }
+    }
+
+    public function testDeliveriesNotHandedOutGoBackToTheQueueWhenConsumeReturns(): void
+    {
+        $this->publish(10);
+        $first = $this->conn->consumer($this->queue, ['prefetch' => 10]);
+        $this->assertSame(2, $first->consume(fn () => null, ['max_messages' => 2]));
+        // $first lives on, and had all 10 prefetched: another worker must get the other 8 now.
+        $other = new Connection(Broker::URI);
+        $seen = [];
+        $got = $other->consumer($this->queue)->consume(function (Message $m) use (&$seen) {
+            $seen[] = $m->getBody();
+        }, ['max_messages' => 8, 'max_time' => 10]);
+        $this->assertSame(8, $got, 'the second consumer received what the first did not hand out');
+        sort($seen);
+        $this->assertSame(['m2', 'm3', 'm4', 'm5', 'm6', 'm7', 'm8', 'm9'], $seen);
+        $other->close();
+        Broker::eventually(fn () => $this->total() === 0, 'all 10 acked once');
+        $this->assertSame(0, $first->consume(fn () => null, ['max_time' => 0.3]), 'consume() again subscribes again');
+    }
+
+    public function testCancelGivesTheUnseenDeliveriesBackAndLeavesTheOneInHandToSettle(): void
+    {
+        $this->publish(5);
+        $consumer = $this->conn->consumer($this->queue, ['prefetch' => 10]);
+        $inHand = $consumer->next(5);
+        $this->assertSame('m0', $inHand?->getBody());
+        Broker::eventually(fn () => Broker::countWithAmqplib($this->queue) === 0, 'all 5 prefetched');
+        $consumer->cancel();
+        Broker::eventually(fn () => Broker::countWithAmqplib($this->queue) === 4, 'the 4 unseen are ready again');
+        $inHand->ack();
+        $other = new Connection(Broker::URI);
+        $got = $other->consumer($this->queue)->consume(fn () => null, ['max_messages' => 4, 'max_time' => 10]);
+        $this->assertSame(4, $got);
+        $other->close();
+        Broker::eventually(fn () => $this->total() === 0, 'the one in hand acked, the 4 by the other');
     }
 }

@@ -42,7 +42,11 @@ final class SignalsTest extends TestCase
             $cmd[] = 'user-handler';
         }
         $this->proc = proc_open($cmd, [1 => ['pipe', 'w'], 2 => ['pipe', 'w']], $this->pipes);
-        $this->assertSame("ready\n", fgets($this->pipes[1]));
+        // Answered from inside consume(), once its signal handling is in place.
+        $producer = $this->conn->producer();
+        $producer->publish('ready', $this->queue);
+        $producer->waitForConfirms();
+        $this->assertSame('ready', $this->readLine(10.0));
         return proc_get_status($this->proc)['pid'];
     }
 
@@ -60,19 +64,17 @@ final class SignalsTest extends TestCase
     public function testIdleWorkerReturnsWithinASecondOfSigterm(): void
     {
         $pid = $this->startWorker(0);
-        usleep(300_000);
         $sent = microtime(true);
         posix_kill($pid, SIGTERM);
-        $this->assertSame('returned 0', $this->readLine(3.0));
+        $this->assertSame('returned 1', $this->readLine(3.0), 'the ready message, then nothing');
         $this->assertLessThan(1.0, microtime(true) - $sent);
     }
 
     public function testSigintStopsTooByDefault(): void
     {
         $pid = $this->startWorker(0);
-        usleep(300_000);
         posix_kill($pid, SIGINT);
-        $this->assertSame('returned 0', $this->readLine(3.0));
+        $this->assertSame('returned 1', $this->readLine(3.0));
     }
 
     public function testBusyWorkerFinishesAndAcksTheMessageInHandThenReturns(): void
@@ -85,7 +87,7 @@ final class SignalsTest extends TestCase
         $this->assertSame('got job-1', $this->readLine(5.0));
         posix_kill($pid, SIGTERM);
         $this->assertSame('done job-1', $this->readLine(5.0));
-        $this->assertSame('returned 1', $this->readLine(3.0));
+        $this->assertSame('returned 2', $this->readLine(3.0), 'ready and job-1');
         $this->assertNull($this->readLine(0.5), 'job-2 must not be started');
         proc_close($this->proc);
         $this->proc = null;
@@ -97,10 +99,9 @@ final class SignalsTest extends TestCase
     public function testUserPcntlHandlerStillRuns(): void
     {
         $pid = $this->startWorker(0, true);
-        usleep(300_000);
         posix_kill($pid, SIGTERM);
         $lines = [$this->readLine(3.0), $this->readLine(3.0)];
         $this->assertContains('user handler ran', $lines);
-        $this->assertContains('returned 0', $lines);
+        $this->assertContains('returned 1', $lines);
     }
 }

@@ -90,8 +90,8 @@ final class TopologyTest extends TestCase
         $ch->basic_publish($match, $x);
         $ch->basic_publish($miss, $x);
         $conn->close();
-        usleep(200_000);
-        $this->assertSame(1, $this->conn->queueStatus($q)['messages']);
+        Broker::eventually(fn () => $this->conn->queueStatus($q)['messages'] === 1, 'the matching message routed');
+        $this->assertSame(1, Broker::countWithAmqplib($q), 'and only that one');
     }
 
     public function testPurgeReturnsHowManyMessagesWentAway(): void
@@ -208,7 +208,14 @@ final class TopologyTest extends TestCase
             $this->assertSame(405, $e->getCode());
         }
         $other->close();
-        usleep(200_000);
+        Broker::eventually(function () use ($q) {
+            try {
+                (new Connection(Broker::URI))->queueStatus($q);
+                return false;
+            } catch (ChannelException $e) {
+                return $e->getCode() === 404;
+            }
+        }, 'the exclusive queue gone');
         $this->expectException(ChannelException::class);
         $this->expectExceptionCode(404);
         $this->conn->queueStatus($q);

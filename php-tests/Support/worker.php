@@ -1,6 +1,8 @@
 <?php
 // A worker process for the signal tests: consume(QUEUE) with a callback that sleeps
 // SLEEP_MS, printing what happens. Args: queue sleep_ms [user-handler]
+// A message 'ready' makes it print "ready" from inside consume(), whose stop-signal handling
+// is in place by then: the tests send their signal only after that line.
 declare(strict_types=1);
 
 [$script, $queue, $sleepMs] = $argv;
@@ -12,8 +14,11 @@ if ($userHandler) {
 }
 $conn = new AmqpRs\Connection('amqp://guest:guest@127.0.0.1:5672/%2f');
 $consumer = $conn->consumer($queue, ['prefetch' => 1]);
-echo "ready\n";
 $n = $consumer->consume(function (AmqpRs\Message $m) use ($sleepMs) {
+    if ($m->getBody() === 'ready') {
+        echo "ready\n";
+        return;
+    }
     echo 'got ', $m->getBody(), "\n";
     usleep((int) $sleepMs * 1000);
     echo 'done ', $m->getBody(), "\n";
