@@ -374,8 +374,9 @@ impl Consumer {
         if self.state != State::Subscribed || self.batch.is_none() {
             return self.flush_settlements();
         }
-        self.unsubscribe()?;
-        self.state = State::Paused;
+        if self.unsubscribe()? {
+            self.state = State::Paused;
+        }
         Ok(())
     }
 
@@ -392,14 +393,16 @@ impl Consumer {
         Ok(())
     }
 
-    /// `basic.cancel` on every queue, then the prefetched deliveries back to the queue.
-    fn unsubscribe(&mut self) -> Result<()> {
+    /// `basic.cancel` on every queue, then the prefetched deliveries back to the queue; false
+    /// when the channel is down (being recovered: lapin subscribes it again by itself, and
+    /// its unacked deliveries are the broker's to redeliver).
+    fn unsubscribe(&mut self) -> Result<bool> {
         self.flush_acks()?;
         let Some(channel) = self.channel.as_ref().cloned() else {
-            return Ok(());
+            return Ok(false);
         };
         if !channel.status().connected() || !self.link.is_own() {
-            return Ok(());
+            return Ok(false);
         }
         for (tag, _) in self.streams.iter() {
             let context = format!("cancel consumer '{tag}' on {}", self.link.endpoint());
@@ -410,7 +413,8 @@ impl Consumer {
             )?;
         }
         self.requeue_prefetched()?;
-        self.flush_settlements()
+        self.flush_settlements()?;
+        Ok(true)
     }
 
     /// Rejects with requeue what the broker sent before its cancel-ok: lapin has it all
