@@ -80,13 +80,14 @@ impl InFlight {
 
 impl Meta {
     fn failure(&self, reply_code: u16, reason: String) -> Failure {
-        Failure {
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
-            message_id: self.message_id.clone(),
+        let message_id = self.message_id.as_deref();
+        Failure::new(
+            &self.exchange,
+            &self.routing_key,
+            message_id,
             reply_code,
             reason,
-        }
+        )
     }
 }
 

@@ -19,6 +19,25 @@ pub struct Failure {
     pub reason: String,
 }
 
+impl Failure {
+    /// The failure of a message published to `exchange` with `routing_key`.
+    pub fn new(
+        exchange: &str,
+        routing_key: &str,
+        message_id: Option<&str>,
+        reply_code: u16,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            message_id: message_id.map(str::to_string),
+            reply_code,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// What went wrong, in the terms the PHP exception hierarchy distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {

@@ -35,17 +35,18 @@ pub(crate) struct RpcClient {
 }
 
 fn failure(request: &Outgoing, reply_code: u16, reason: String) -> Failure {
-    Failure {
-        exchange: request.exchange.clone(),
-        routing_key: request.routing_key.clone(),
-        message_id: request
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_string()),
+    let message_id = request
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str());
+    Failure::new(
+        &request.exchange,
+        &request.routing_key,
+        message_id,
         reply_code,
         reason,
-    }
+    )
 }
 
 impl RpcClient {
@@ -130,68 +131,13 @@ impl RpcClient {
                 } else {
                     &mut quiet
                 };
-                match confirm.as_mut().poll(confirm_cx) {
-                    Poll::Ready(Ok(Confirmation::Ack(None))) => confirmed = true,
-                    Poll::Ready(Ok(Confirmation::Ack(Some(returned))))
-                    | Poll::Ready(Ok(Confirmation::Nack(Some(returned)))) => {
-                        return Poll::Ready(Err(Error::publish(
-                            &what,
-                            vec![failure(
-                                &request,
-                                returned.reply_code,
-                                format!(
-                                    "returned by the broker: {} {} (no queue is bound for \
-                                         it: is the server running?)",
-                                    returned.reply_code, returned.reply_text
-                                ),
-                            )],
-                        )))
-                    }
-                    Poll::Ready(Ok(_)) => {
-                        return Poll::Ready(Err(Error::publish(
-                            &what,
-                            vec![failure(&request, 0, "nacked by the broker".to_string())],
-                        )))
-                    }
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(Error::from_lapin(&e, &what)));
-                    }
+                match confirmed_or_failure(confirm.as_mut().poll(confirm_cx), &request, &what) {
+                    Poll::Ready(Ok(())) => confirmed = true,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                     Poll::Pending => {}
                 }
             }
-            loop {
-                match Pin::new(&mut *replies).poll_next(cx) {
-                    Poll::Ready(Some(Ok(reply)))
-                        if reply.properties.correlation_id().as_ref() == Some(&correlation_id) =>
-                    {
-                        return Poll::Ready(Ok(reply));
-                    }
-                    // A late reply to an earlier call that timed out.
-                    Poll::Ready(Some(Ok(_))) => continue,
-                    Poll::Ready(Some(Err(e))) => {
-                        let lost = error::lost_connection(&e);
-                        let mut err = Error::from_lapin(&e, &what);
-                        if lost {
-                            err = Error::new(
-                                err.kind(),
-                                format!(
-                                    "{} (the connection was lost during the call: the \
-                                         request may or may not have been handled)",
-                                    err.message()
-                                ),
-                            );
-                        }
-                        return Poll::Ready(Err(err));
-                    }
-                    Poll::Ready(None) => {
-                        return Poll::Ready(Err(Error::new(
-                            ErrorKind::Channel(0),
-                            format!("{what}: the broker cancelled the reply consumer"),
-                        )))
-                    }
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
+            poll_reply(replies, &correlation_id, &what, cx)
         };
         let outcome =
             match runtime::park_on(std::future::poll_fn(&mut poll), QUIET.min(timeout), &what) {
@@ -210,6 +156,71 @@ impl RpcClient {
             ))),
             Err(err) => Err(err),
         }
+    }
+}
+
+/// What the confirm of a request says: `Ok` once the broker took it, the failure if it was
+/// returned (no queue bound for it) or nacked.
+fn confirmed_or_failure(
+    confirm: Poll<lapin::Result<Confirmation>>,
+    request: &Outgoing,
+    what: &str,
+) -> Poll<Result<()>> {
+    let failure = match confirm {
+        Poll::Pending => return Poll::Pending,
+        Poll::Ready(Ok(Confirmation::Ack(None))) => return Poll::Ready(Ok(())),
+        Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::from_lapin(&e, what))),
+        Poll::Ready(Ok(Confirmation::Ack(Some(returned))))
+        | Poll::Ready(Ok(Confirmation::Nack(Some(returned)))) => failure(
+            request,
+            returned.reply_code,
+            format!(
+                "returned by the broker: {} {} (no queue is bound for it: is the server \
+                 running?)",
+                returned.reply_code, returned.reply_text
+            ),
+        ),
+        Poll::Ready(Ok(_)) => failure(request, 0, "nacked by the broker".to_string()),
+    };
+    Poll::Ready(Err(Error::publish(what, vec![failure])))
+}
+
+/// The reply that carries `correlation_id`, dropping late replies to earlier calls.
+fn poll_reply(
+    replies: &mut lapin::Consumer,
+    correlation_id: &ShortString,
+    what: &str,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Delivery>> {
+    loop {
+        return match Pin::new(&mut *replies).poll_next(cx) {
+            Poll::Ready(Some(Ok(reply)))
+                if reply.properties.correlation_id().as_ref() == Some(correlation_id) =>
+            {
+                Poll::Ready(Ok(reply))
+            }
+            // A late reply to an earlier call that timed out.
+            Poll::Ready(Some(Ok(_))) => continue,
+            Poll::Ready(Some(Err(e))) => {
+                let err = Error::from_lapin(&e, what);
+                if !error::lost_connection(&e) {
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Ready(Err(Error::new(
+                    err.kind(),
+                    format!(
+                        "{} (the connection was lost during the call: the request may or may \
+                         not have been handled)",
+                        err.message()
+                    ),
+                )))
+            }
+            Poll::Ready(None) => Poll::Ready(Err(Error::new(
+                ErrorKind::Channel(0),
+                format!("{what}: the broker cancelled the reply consumer"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        };
     }
 }
 
@@ -249,13 +260,7 @@ pub(crate) fn reply(
     match confirm {
         Confirmation::Nack(_) => Err(Error::publish(
             &what,
-            vec![Failure {
-                exchange: String::new(),
-                routing_key: reply_to.to_string(),
-                message_id: None,
-                reply_code: 0,
-                reason: "nacked by the broker".to_string(),
-            }],
+            vec![Failure::new("", reply_to, None, 0, "nacked by the broker")],
         )),
         _ => Ok(()),
     }
