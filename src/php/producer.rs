@@ -36,6 +36,33 @@ impl Producer {
         // Only the PHP thread locks it; a poisoned lock just means an earlier call panicked.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// What publish() and publishJson() share: the properties (`delay` among them; with
+    /// `content_type` as the default content type) and the publish itself.
+    fn send(
+        &self,
+        body: Vec<u8>,
+        routing_key: &str,
+        exchange: &str,
+        properties: &PhpArray<'_>,
+        content_type: Option<&str>,
+    ) -> PhpResult<()> {
+        let (mut properties, delay) = to_publish_properties(properties.table())?;
+        if let (Some(default), None) = (content_type, properties.content_type()) {
+            properties = properties.with_content_type(default.into());
+        }
+        let message = Outgoing {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            body,
+            properties,
+        };
+        match delay {
+            Some(delay) => self.core().publish_delayed(message, delay)?,
+            None => self.core().publish(message)?,
+        }
+        Ok(())
+    }
 }
 
 #[php_impl]
@@ -50,18 +77,7 @@ impl Producer {
         properties: PhpArray<'_>,
     ) -> PhpResult<()> {
         guard("AmqpRs\\Producer::publish()", || {
-            let (properties, delay) = to_publish_properties(properties.table())?;
-            let message = Outgoing {
-                exchange: exchange.to_string(),
-                routing_key: routingKey.to_string(),
-                body: body.to_vec(),
-                properties,
-            };
-            match delay {
-                Some(delay) => self.core().publish_delayed(message, delay)?,
-                None => self.core().publish(message)?,
-            }
-            Ok(())
+            self.send(body.to_vec(), routingKey, exchange, &properties, None)
         })
     }
 
@@ -76,21 +92,8 @@ impl Producer {
     ) -> PhpResult<()> {
         guard("AmqpRs\\Producer::publishJson()", || {
             let body = json::encode(value, "AmqpRs\\Producer::publishJson()")?;
-            let (mut properties, delay) = to_publish_properties(properties.table())?;
-            if properties.content_type().is_none() {
-                properties = properties.with_content_type(json::CONTENT_TYPE.into());
-            }
-            let message = Outgoing {
-                exchange: exchange.to_string(),
-                routing_key: routingKey.to_string(),
-                body,
-                properties,
-            };
-            match delay {
-                Some(delay) => self.core().publish_delayed(message, delay)?,
-                None => self.core().publish(message)?,
-            }
-            Ok(())
+            let content_type = Some(json::CONTENT_TYPE);
+            self.send(body, routingKey, exchange, &properties, content_type)
         })
     }
 
