@@ -1,10 +1,10 @@
 //! JSON bodies, through PHP's own `json_encode()`/`json_decode()` so that values come and go
 //! exactly as PHP code would see them (arrays, not objects; floats keep their `.0`).
 
-use crate::php::exceptions::{invalid_argument, ExceptionClass};
+use crate::php::exceptions::{amqp_exception, invalid_argument};
 use ext_php_rs::binary::Binary;
 use ext_php_rs::convert::IntoZval;
-use ext_php_rs::exception::{PhpException, PhpResult};
+use ext_php_rs::exception::PhpResult;
 use ext_php_rs::types::{ZendCallable, Zval};
 
 /// `JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE | JSON_PRESERVE_ZERO_FRACTION`.
@@ -17,19 +17,13 @@ pub const CONTENT_TYPE: &str = "application/json";
 
 fn call(name: &str, args: Vec<&dyn ext_php_rs::convert::IntoZvalDyn>) -> PhpResult<Zval> {
     let function = ZendCallable::try_from_name(name).map_err(|_| {
-        PhpException::new(
-            format!("{name}() is not available (the json extension is missing)"),
-            0,
-            ExceptionClass::Base.ce(),
-        )
+        amqp_exception(format!(
+            "{name}() is not available (the json extension is missing)"
+        ))
     })?;
-    function.try_call(args).map_err(|e| {
-        PhpException::new(
-            format!("{name}() failed: {e:?}"),
-            0,
-            ExceptionClass::Base.ce(),
-        )
-    })
+    function
+        .try_call(args)
+        .map_err(|e| amqp_exception(format!("{name}() failed: {e:?}")))
 }
 
 /// What `json_last_error_msg()` says, or None when the last call succeeded.
@@ -70,10 +64,8 @@ pub fn decode(body: &[u8], what: &str) -> PhpResult<Zval> {
     let decoded = call("json_decode", vec![&text, &assoc, &depth, &flags])?;
     match last_error() {
         None => Ok(decoded),
-        Some(why) => Err(PhpException::new(
-            format!("{what}: the body is not valid JSON: {why}"),
-            0,
-            ExceptionClass::Base.ce(),
-        )),
+        Some(why) => Err(amqp_exception(format!(
+            "{what}: the body is not valid JSON: {why}"
+        ))),
     }
 }
