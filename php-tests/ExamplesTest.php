@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 use AmqpRs\Connection;
 use AmqpRs\Tests\Support\Broker;
+use AmqpRs\Tests\Support\Children;
 use PHPUnit\Framework\TestCase;
 
 /**
@@ -58,20 +59,7 @@ final class ExamplesTest extends TestCase
     {
         ['proc' => $proc, 'pipes' => $pipes] = $this->background[$i];
         unset($this->background[$i]);
-        $pid = proc_get_status($proc)['pid'];
-        if (proc_get_status($proc)['running']) {
-            posix_kill($pid, SIGTERM);
-        }
-        $deadline = microtime(true) + 5;
-        while (proc_get_status($proc)['running'] && microtime(true) < $deadline) {
-            usleep(20_000);
-        }
-        if (proc_get_status($proc)['running']) {
-            posix_kill($pid, SIGKILL);
-        }
-        $out = stream_get_contents($pipes[1]) . stream_get_contents($pipes[2]);
-        proc_close($proc);
-        return $out;
+        return Children::end($proc, $pipes, SIGTERM, 5.0);
     }
 
     /** Runs a script in the foreground: [exit code, stdout, stderr, seconds]. */

@@ -5,6 +5,7 @@ declare(strict_types=1);
 use AmqpRs\ChannelException;
 use AmqpRs\Connection;
 use AmqpRs\Tests\Support\Broker;
+use AmqpRs\Tests\Support\Children;
 use AmqpRs\Tests\Support\LaravelApp;
 use PHPUnit\Framework\TestCase;
 
@@ -50,13 +51,7 @@ final class LaravelTest extends TestCase
 
     protected function tearDown(): void
     {
-        if (is_resource($this->proc)) {
-            $status = proc_get_status($this->proc);
-            if ($status['running']) {
-                posix_kill($status['pid'], SIGKILL);
-            }
-            proc_close($this->proc);
-        }
+        Children::end($this->proc);
         foreach ([$this->queue, "{$this->queue}.failed", "{$this->queue}.dlq", "{$this->queue}.high", ...array_map(
             fn (int $ms) => "amq_rs.delay.{$ms}ms.(default).{$this->queue}",
             [1000, 2000]

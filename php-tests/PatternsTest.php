@@ -7,6 +7,7 @@ use AmqpRs\Message;
 use AmqpRs\PublishException;
 use AmqpRs\TimeoutException;
 use AmqpRs\Tests\Support\Broker;
+use AmqpRs\Tests\Support\Children;
 use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Message\AMQPMessage;
 use PHPUnit\Framework\TestCase;
@@ -58,17 +59,7 @@ final class PatternsTest extends TestCase
     /** SIGTERM to the server (it returns after the request in hand); returns what it printed. */
     private function stopServer(): string
     {
-        $pid = proc_get_status($this->server)['pid'];
-        posix_kill($pid, SIGTERM);
-        $deadline = microtime(true) + 5;
-        while (proc_get_status($this->server)['running'] && microtime(true) < $deadline) {
-            usleep(20_000);
-        }
-        if (proc_get_status($this->server)['running']) {
-            posix_kill($pid, SIGKILL);
-        }
-        $out = stream_get_contents($this->pipes[1]) . stream_get_contents($this->pipes[2]);
-        proc_close($this->server);
+        $out = Children::end($this->server, $this->pipes, SIGTERM, 5.0);
         $this->server = null;
         return $out;
     }

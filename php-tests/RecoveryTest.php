@@ -86,10 +86,10 @@ final class RecoveryTest extends TestCase
         return null;
     }
 
-    /** Starts a fault proxy in front of the broker (Support/fault_proxy.php); returns its port. */
+    /** Starts a fault proxy in front of the broker (Support/proxy.php fault); returns its port. */
     private function proxy(): int
     {
-        $proc = proc_open([PHP_BINARY, __DIR__ . '/Support/fault_proxy.php', '5672'], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
+        $proc = proc_open([PHP_BINARY, __DIR__ . '/Support/proxy.php', 'fault', '5672'], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
         $this->assertIsResource($proc);
         $port = (int) trim((string) fgets($pipes[1]));
         $this->assertGreaterThan(0, $port, 'proxy did not start');

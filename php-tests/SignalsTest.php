@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 use AmqpRs\Connection;
 use AmqpRs\Tests\Support\Broker;
+use AmqpRs\Tests\Support\Children;
 use PHPUnit\Framework\TestCase;
 
 /** A real child PHP worker gets real signals. */
@@ -24,13 +25,7 @@ final class SignalsTest extends TestCase
 
     protected function tearDown(): void
     {
-        if (is_resource($this->proc)) {
-            $status = proc_get_status($this->proc);
-            if ($status['running']) {
-                posix_kill($status['pid'], SIGKILL);
-            }
-            proc_close($this->proc);
-        }
+        Children::end($this->proc);
         $this->conn->deleteQueue($this->queue);
     }
 

@@ -51,7 +51,7 @@ final class TlsTest extends TestCase
 
     private function proxy(bool $mutual = false): int
     {
-        $args = [PHP_BINARY, __DIR__ . '/Support/tls_proxy.php', self::$dir . '/server.pem', self::$dir . '/server.key'];
+        $args = [PHP_BINARY, __DIR__ . '/Support/proxy.php', 'tls', self::$dir . '/server.pem', self::$dir . '/server.key'];
         if ($mutual) {
             $args[] = self::$dir . '/ca.pem';
         }

@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 use AmqpRs\Connection;
 use AmqpRs\Tests\Support\Broker;
+use AmqpRs\Tests\Support\Children;
 use PHPUnit\Framework\TestCase;
 
 /**
@@ -33,10 +34,7 @@ final class WorkerExamplesTest extends TestCase
     protected function tearDown(): void
     {
         foreach ($this->procs as $p) {
-            if ($p['exit'] === null && proc_get_status($p['proc'])['running']) {
-                posix_kill($p['pid'], SIGKILL);
-            }
-            proc_close($p['proc']);
+            Children::end($p['proc']);
         }
         $conn = new Connection(Broker::URI);
         $queues = ["{$this->prefix}.jobs"];

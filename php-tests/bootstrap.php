@@ -10,3 +10,4 @@ if (!extension_loaded('amqp_rs')) {
 
 require_once '/usr/share/php/PhpAmqpLib/autoload.php';
 require_once __DIR__ . '/Support/Broker.php';
+require_once __DIR__ . '/Support/Children.php';

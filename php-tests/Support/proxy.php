@@ -1,6 +1,11 @@
 <?php
-// A TCP proxy in front of a broker that can fail the way networks do, for recovery tests.
-// Usage: php fault_proxy.php TARGET_PORT; prints its own port, then reads commands on stdin:
+// A TCP proxy in front of the test broker, in one of two modes:
+//   php proxy.php fault TARGET_PORT       plain TCP to TARGET_PORT, and it can fail the way
+//                                         networks do, for recovery tests;
+//   php proxy.php tls CERT KEY [CLIENT_CA] TLS-terminating, to the plain broker on 5672, so
+//                                         amqps:// is tested end to end without reconfiguring
+//                                         RabbitMQ; with CLIENT_CA, mutual TLS.
+// It prints its own port, then reads commands on stdin, answering "ok" to each:
 //   freeze  the flows open now go silent both ways, sockets left open: a black hole, as when a
 //           firewall or NAT drops a flow's state. New connections are still forwarded.
 //   down    everything is closed and the port refuses connections from now on.
@@ -8,8 +13,23 @@
 
 declare(strict_types=1);
 
-$target = (int) ($argv[1] ?? 5672);
-$server = stream_socket_server('tcp://127.0.0.1:0', $errno, $errstr);
+$mode = $argv[1] ?? '';
+if ($mode === 'fault') {
+    $target = (int) ($argv[2] ?? 5672);
+    $server = stream_socket_server('tcp://127.0.0.1:0', $errno, $errstr);
+} elseif ($mode === 'tls' && isset($argv[2], $argv[3])) {
+    $target = 5672;
+    $ssl = ['local_cert' => $argv[2], 'local_pk' => $argv[3], 'verify_peer' => false, 'verify_peer_name' => false];
+    if (isset($argv[4])) {
+        // Mutual TLS: a client without a certificate signed by this CA is refused.
+        $ssl = ['verify_peer' => true, 'cafile' => $argv[4], 'capture_peer_cert' => true] + $ssl;
+    }
+    $ctx = stream_context_create(['ssl' => $ssl]);
+    $server = stream_socket_server('tls://127.0.0.1:0', $errno, $errstr, STREAM_SERVER_BIND | STREAM_SERVER_LISTEN, $ctx);
+} else {
+    fwrite(STDERR, "usage: proxy.php fault TARGET_PORT | proxy.php tls CERT KEY [CLIENT_CA]\n");
+    exit(2);
+}
 if ($server === false) {
     fwrite(STDERR, "proxy: $errstr\n");
     exit(1);
@@ -57,8 +77,12 @@ while (time() < $deadline) {
         }
         if ($stream === $server) {
             $client = @stream_socket_accept($server, 5);
+            if ($client === false) {
+                continue; // a TLS handshake the proxy refused (wrong or missing client certificate)
+            }
             $upstream = @stream_socket_client("tcp://127.0.0.1:$target", $errno, $errstr, 5);
-            if ($client === false || $upstream === false) {
+            if ($upstream === false) {
+                fclose($client);
                 continue;
             }
             $pairs[(int) $client] = [$client, $upstream];
