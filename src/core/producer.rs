@@ -455,11 +455,10 @@ mod tests {
     fn large_bodies_in_flight_stay_under_the_byte_bound() {
         let mut conn = connect();
         // Durable, so that the broker's confirms lag (fsync) and publishes pile up.
-        let queue = conn
-            .declare_queue("amqp_rs.core.byte-bound", QueueSpec::default())
-            .expect("queue")
-            .name;
-        conn.purge_queue(&queue).expect("purge");
+        // A name of this run only: concurrent runs shared one queue and counted each other's.
+        let queue = crate::core::testing::unique("byte-bound");
+        conn.declare_queue(&queue, QueueSpec::default())
+            .expect("queue");
         let producer = conn.producer(ProducerOptions::default()).expect("producer");
         let mut producer = producer.lock().expect("lock");
         let body = vec![7u8; 64 << 10];
