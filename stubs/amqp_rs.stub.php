@@ -253,8 +253,8 @@ final class Consumer
      * @param callable(Message): mixed $callback
      * Stop signals (default SIGTERM and SIGINT): while consume() runs they make it return
      * after the message in hand is settled, within a fraction of a second when idle; a pcntl
-     * handler you installed for them still runs (for a signal that came during the callback,
-     * at your next pcntl_signal_dispatch(), or at once with pcntl_async_signals(true)).
+     * handler you installed for them still runs, before consume() returns (or at once with
+     * pcntl_async_signals(true)).
      *
      * @param array{max_messages?: int, max_time?: float, idle_timeout?: float,
      *     memory_limit?: int, stop_signals?: list<int>, on_error?: 'requeue'|'reject'|'retry',

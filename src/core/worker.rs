@@ -90,7 +90,7 @@ pub trait Host {
     fn take_failure(&mut self, failure: Self::Error) -> String;
     /// A delivery was passed over (not UTF-8 short strings); `Err` ends the loop.
     fn warn(&mut self, warning: &str) -> std::result::Result<(), Self::Error>;
-    /// The loop waited a tick without a delivery.
+    /// The loop waited a tick without a delivery, or a stop signal ends it.
     fn idle(&mut self) {}
     /// Memory in use, in bytes, for `Limits::memory_limit`.
     fn memory_usage(&mut self) -> u64 {
@@ -133,7 +133,13 @@ fn serve<H: Host>(
         if control.cancel.take() {
             consumer.borrow_mut().cancel()?;
         }
-        if control.stop.get() || signals.triggered() {
+        if signals.triggered() {
+            // The application's own handler of the signal (chained) runs before the loop
+            // ends, wherever the signal came: during a wait or during the callback.
+            host.idle();
+            return Ok(handled);
+        }
+        if control.stop.get() {
             return Ok(handled);
         }
         if limits.max_messages > 0 && handled >= limits.max_messages {
