@@ -30,7 +30,7 @@ final class SymfonyTest extends TestCase
     private string $work;
     /** @var resource|null a worker started in the background */
     private $proc = null;
-    /** @var resource|null Support/tls_proxy.php, and its stdin (closing it ends the proxy) */
+    /** @var resource|null Support/proxy.php in tls mode, and its stdin (closing it ends the proxy) */
     private $tlsProxy = null;
     /** @var resource|null */
     private $tlsProxyStdin = null;

@@ -82,7 +82,7 @@ trait SymfonyWorkers
     }
 
     /**
-     * A CA, a certificate for localhost signed by it, another CA, and Support/tls_proxy.php
+     * A CA, a certificate for localhost signed by it, another CA, and Support/proxy.php (tls mode)
      * serving TLS in front of the broker with that certificate; ended with the test.
      *
      * @return array{string, int} the directory of the PEM files (ca.pem, other-ca.pem), the port
@@ -102,7 +102,7 @@ trait SymfonyWorkers
             openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem
             SH) . ' 2>&1', $out, $code);
         $this->assertSame(0, $code, implode("\n", $out));
-        $this->tlsProxy = proc_open([PHP_BINARY, dirname(__DIR__) . '/Support/tls_proxy.php', "$dir/server.pem", "$dir/server.key"], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
+        $this->tlsProxy = proc_open([PHP_BINARY, dirname(__DIR__) . '/Support/proxy.php', 'tls', "$dir/server.pem", "$dir/server.key"], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
         $this->tlsProxyStdin = $pipes[0];
         $port = (int) trim((string) fgets($pipes[1]));
         $this->assertGreaterThan(0, $port, 'the TLS proxy did not start');
