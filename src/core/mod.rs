@@ -2,6 +2,7 @@
 
 pub mod ack_batch;
 pub mod confirms;
+pub mod connect;
 pub mod connect_options;
 pub mod connection;
 pub mod consumer;
