@@ -80,9 +80,16 @@ while (($idleSince === null || microtime(true) - $idleSince < (float) $opt['idle
     if ($idleSince === null && feof(STDIN)) {
         $idleSince = microtime(true);
     }
-    // Apply what the others sent, for up to 0.2 s, then look at our input again.
-    if ($consumer->consume($onChange, ['max_time' => 0.2]) > 0 && $idleSince !== null) {
-        $idleSince = microtime(true);
+    // Apply what the others sent, for up to 0.2 s, then look at our input again. next() takes
+    // from the prefetch buffer and keeps the subscription between slices (consume() would give
+    // the buffer back to the queue each time it returns).
+    $until = microtime(true) + 0.2;
+    while (($m = $consumer->next(max(0.0, $until - microtime(true)))) !== null) {
+        $onChange($m);
+        $m->ack();
+        if ($idleSince !== null) {
+            $idleSince = microtime(true);
+        }
     }
 }
 ksort($records);
