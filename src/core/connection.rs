@@ -308,17 +308,20 @@ pub(crate) mod tests {
     use super::*;
     use crate::core::error::ErrorKind;
 
-    pub(crate) const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    use crate::core::testing;
 
     pub(crate) fn connect() -> Connection {
-        Connection::open(&[BROKER.to_string()], &ConnectOptions::default()).expect("broker up")
+        Connection::open(&[testing::broker()], &ConnectOptions::default()).expect("broker up")
     }
 
     #[test]
     fn connects_reports_and_closes_idempotently() {
         let mut conn = connect();
         assert!(conn.is_connected());
-        assert_eq!(conn.endpoint(), "amqp://guest@127.0.0.1:5672/%2F");
+        assert_eq!(
+            conn.endpoint(),
+            format!("amqp://guest@{}/%2F", testing::broker_host_port())
+        );
         assert!(conn.frame_max() > 4096);
         conn.close().expect("close");
         assert!(!conn.is_connected());
@@ -368,10 +371,10 @@ pub(crate) mod tests {
     fn a_list_falls_through_to_the_first_broker_that_answers() {
         let uris = [
             "amqp://guest:guest@127.0.0.1:1/%2f".to_string(),
-            BROKER.to_string(),
+            testing::broker(),
         ];
         let conn = Connection::open(&uris, &ConnectOptions::default()).expect("second works");
-        assert!(conn.endpoint().contains(":5672"));
+        assert!(conn.endpoint().contains(&testing::broker_host_port()));
     }
 
     #[test]
@@ -398,7 +401,7 @@ pub(crate) mod tests {
 
     #[test]
     fn wrong_password_is_refused_without_echoing_it() {
-        let uris = ["amqp://guest:not-the-password@127.0.0.1:5672/%2f".to_string()];
+        let uris = [testing::broker_with_login("guest", "not-the-password")];
         let err = Connection::open(&uris, &ConnectOptions::default())
             .err()
             .expect("refused");

@@ -190,9 +190,9 @@ pub fn info() -> Vec<PooledInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::connection::tests::BROKER;
     use crate::core::connection::Connection;
     use crate::core::producer::ProducerOptions;
+    use crate::core::testing;
 
     fn options(name: &str) -> ConnectOptions {
         ConnectOptions {
@@ -211,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_second_connection_with_the_same_key_gets_the_pooled_link_and_its_channels() {
-        let uris = [BROKER.to_string()];
+        let uris = [testing::broker()];
         let same = options("amqp_rs.core.pool-same-key");
         let mut first = Connection::open(&uris, &same).expect("connect");
         let link = first.link_arc();

@@ -141,18 +141,18 @@ impl Attempts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::connection::tests::BROKER;
     use crate::core::poison::PoisonLog;
     use crate::core::runtime;
+    use crate::core::testing;
     use crate::core::uri;
     use std::sync::Arc;
 
     #[test]
     fn recovery_walks_the_list_from_the_broker_after_the_last_one() {
         let endpoints: Vec<Endpoint> = [
-            BROKER,
-            "amqp://guest:guest@127.0.0.1:1/%2f",
-            "amqp://someone-else:pw@127.0.0.1:5672/%2f",
+            testing::broker(),
+            "amqp://guest:guest@127.0.0.1:1/%2f".to_string(),
+            testing::broker_with_login("someone-else", "pw"),
         ]
         .iter()
         .map(|u| uri::parse(u).expect("valid"))

@@ -9,10 +9,37 @@ use lapin::BasicProperties;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-pub(crate) const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The test broker when `AMQP_RS_TEST_URI` is not set: the host's RabbitMQ.
+const DEFAULT_BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The test broker's URI, with its credentials: the one setting `AMQP_RS_TEST_URI` (which
+/// `make matrix` points at the sid root's RabbitMQ 4.3 node; the PHP tests read it too), else
+/// the host's RabbitMQ on 127.0.0.1:5672.
+pub(crate) fn broker() -> String {
+    std::env::var("AMQP_RS_TEST_URI")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_BROKER.to_string())
+}
+
+/// `host:port` of the test broker, as endpoints and error messages show it.
+pub(crate) fn broker_host_port() -> String {
+    let uri = broker();
+    let after_scheme = uri.split_once("://").map_or(uri.as_str(), |(_, rest)| rest);
+    let authority = after_scheme.split('/').next().unwrap_or(after_scheme);
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_string()
+}
+
+/// The test broker's URI with another user and password.
+pub(crate) fn broker_with_login(user: &str, password: &str) -> String {
+    format!("amqp://{user}:{password}@{}/%2f", broker_host_port())
+}
 
 pub(crate) fn connect() -> Connection {
-    Connection::open(&[BROKER.to_string()], &ConnectOptions::default()).expect("broker up")
+    Connection::open(&[broker()], &ConnectOptions::default()).expect("broker up")
 }
 
 /// `amqp_rs.core.<prefix>.<pid>.<n>`: unique between tests of a run and between runs.

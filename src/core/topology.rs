@@ -308,7 +308,7 @@ mod tests {
             reconnect: false,
             ..Default::default()
         };
-        let uris = [crate::core::connection::tests::BROKER.to_string()];
+        let uris = [crate::core::testing::broker()];
         let mut plain = Connection::open(&uris, &options).expect("broker up");
         let state = plain.declare_queue("", spec).expect("queue");
         assert!(state.name.starts_with("amq.gen-"), "{}", state.name);
