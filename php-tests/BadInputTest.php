@@ -6,6 +6,7 @@ use AmqpRs\ChannelException;
 use AmqpRs\Connection;
 use AmqpRs\ConnectionException;
 use AmqpRs\Tests\Support\Broker;
+use PHPUnit\Framework\Attributes\DataProvider;
 use PHPUnit\Framework\TestCase;
 
 /** Bad input gets a clear exception and the PHP process lives on. */
@@ -74,11 +75,11 @@ final class BadInputTest extends TestCase
     public function testWrongPasswordIsRefusedAndNeverShown(): void
     {
         try {
-            new Connection('amqp://guest:Wr0ngPassw0rd@127.0.0.1:5672/%2f');
+            new Connection(Broker::uriWith(password: 'Wr0ngPassw0rd'));
             $this->fail('expected ConnectionException');
         } catch (ConnectionException $e) {
             $this->assertStringContainsString('access refused', $e->getMessage());
-            $this->assertStringContainsString('amqp://guest@127.0.0.1:5672', $e->getMessage());
+            $this->assertStringContainsString('amqp://' . Broker::user() . '@' . Broker::endpoint(), $e->getMessage());
             $this->assertStringNotContainsString('Wr0ngPassw0rd', $e->getMessage());
             $this->assertStringNotContainsString('Wr0ngPassw0rd', $e->getTraceAsString());
         }
@@ -88,12 +89,12 @@ final class BadInputTest extends TestCase
     {
         $this->expectException(ConnectionException::class);
         $this->expectExceptionMessageMatches('/vhost.*no-such-vhost|no-such-vhost.*vhost/i');
-        new Connection('amqp://guest:guest@127.0.0.1:5672/no-such-vhost');
+        new Connection(Broker::uriWith(vhost: 'no-such-vhost'));
     }
 
     public function testRedeclareWithOtherArgumentsRaises406AndConnectionStaysUsable(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $q = Broker::unique('redeclare');
         $conn->declareQueue($q, ['arguments' => ['x-max-length' => 5]]);
         try {
@@ -111,7 +112,7 @@ final class BadInputTest extends TestCase
 
     public function testPassiveDeclareOfAMissingQueueRaises404(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $q = Broker::unique('missing');
         try {
             $conn->declareQueue($q, ['passive' => true]);
@@ -133,9 +134,10 @@ final class BadInputTest extends TestCase
     }
 
     /** @dataProvider unknownOptionKeys */
+    #[DataProvider('unknownOptionKeys')]
     public function testUnknownOptionKeyRaisesInvalidArgumentException(callable $call, string $message): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         try {
             $call($conn);
             $this->fail('expected InvalidArgumentException');
@@ -149,37 +151,38 @@ final class BadInputTest extends TestCase
     {
         $this->expectException(InvalidArgumentException::class);
         $this->expectExceptionMessage("unknown option 'hearbeat'");
-        new Connection(Broker::URI, ['hearbeat' => 10]);
+        new Connection(Broker::uri(), ['hearbeat' => 10]);
     }
 
     public function testUnknownTlsOptionRaisesInvalidArgumentException(): void
     {
         $this->expectException(InvalidArgumentException::class);
         $this->expectExceptionMessage("unknown option 'ca'");
-        new Connection(Broker::URI, ['tls' => ['ca' => '/tmp/ca.pem']]);
+        new Connection(Broker::uri(), ['tls' => ['ca' => '/tmp/ca.pem']]);
     }
 
     public function testOutOfRangeHeartbeatRaisesInvalidArgumentException(): void
     {
         $this->expectException(InvalidArgumentException::class);
         $this->expectExceptionMessage("option 'heartbeat' must be between 0 and 65535");
-        new Connection(Broker::URI, ['heartbeat' => -1]);
+        new Connection(Broker::uri(), ['heartbeat' => -1]);
     }
 
     /** @return iterable<string, array{callable(): mixed}> */
     public static function wrongTypes(): iterable
     {
         yield 'uri as int' => [fn () => new Connection(42)];
-        yield 'uri list with an int' => [fn () => new Connection([Broker::URI, 7])];
-        yield 'options as string' => [fn () => new Connection(Broker::URI, 'heartbeat=5')];
-        yield 'heartbeat as string' => [fn () => new Connection(Broker::URI, ['heartbeat' => 'five'])];
-        yield 'queue name as array' => [fn () => (new Connection(Broker::URI))->declareQueue([])];
-        yield 'durable as string' => [fn () => (new Connection(Broker::URI))->declareQueue('q', ['durable' => 'yes'])];
-        yield 'arguments as string' => [fn () => (new Connection(Broker::URI))->declareQueue('q', ['arguments' => 'x'])];
-        yield 'routing key as array' => [fn () => (new Connection(Broker::URI))->bindQueue('q', 'x', [])];
+        yield 'uri list with an int' => [fn () => new Connection([Broker::uri(), 7])];
+        yield 'options as string' => [fn () => new Connection(Broker::uri(), 'heartbeat=5')];
+        yield 'heartbeat as string' => [fn () => new Connection(Broker::uri(), ['heartbeat' => 'five'])];
+        yield 'queue name as array' => [fn () => (new Connection(Broker::uri()))->declareQueue([])];
+        yield 'durable as string' => [fn () => (new Connection(Broker::uri()))->declareQueue('q', ['durable' => 'yes'])];
+        yield 'arguments as string' => [fn () => (new Connection(Broker::uri()))->declareQueue('q', ['arguments' => 'x'])];
+        yield 'routing key as array' => [fn () => (new Connection(Broker::uri()))->bindQueue('q', 'x', [])];
     }
 
     /** @dataProvider wrongTypes */
+    #[DataProvider('wrongTypes')]
     public function testWrongPhpTypesRaiseTypeError(callable $call): void
     {
         $this->expectException(TypeError::class);
@@ -188,7 +191,7 @@ final class BadInputTest extends TestCase
 
     public function testArgumentValuesAmqpCannotCarryRaiseInvalidArgumentException(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         try {
             $conn->declareQueue(Broker::unique('obj'), ['arguments' => ['x-thing' => ['deep' => new stdClass()]]]);
             $this->fail('expected InvalidArgumentException');
@@ -201,7 +204,7 @@ final class BadInputTest extends TestCase
 
     public function testNameLongerThan255BytesIsRejectedLocally(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         try {
             $conn->declareQueue(str_repeat('q', 256));
             $this->fail('expected InvalidArgumentException');
@@ -234,9 +237,9 @@ final class BadInputTest extends TestCase
 
     public function testTlsAgainstAPlainListenerFailsWithAConnectionException(): void
     {
-        // 5672 speaks plain AMQP: the TLS handshake cannot succeed.
+        // The broker's port speaks plain AMQP: the TLS handshake cannot succeed.
         $this->expectException(ConnectionException::class);
-        $this->expectExceptionMessage('cannot connect to amqps://guest@127.0.0.1:5672/');
-        new Connection('amqps://guest:guest@127.0.0.1:5672/%2f', ['connect_timeout' => 2]);
+        $this->expectExceptionMessage('cannot connect to amqps://' . Broker::user() . '@' . Broker::endpoint() . '/');
+        new Connection('amqps://' . substr(Broker::uri(), strlen('amqp://')), ['connect_timeout' => 2]);
     }
 }

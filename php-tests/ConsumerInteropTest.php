@@ -5,7 +5,6 @@ declare(strict_types=1);
 use AmqpRs\Connection;
 use AmqpRs\Message;
 use AmqpRs\Tests\Support\Broker;
-use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Message\AMQPMessage;
 use PhpAmqpLib\Wire\AMQPTable;
 use PHPUnit\Framework\TestCase;
@@ -21,13 +20,13 @@ final class ConsumerInteropTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = $this->conn->declareQueue(Broker::unique('interop'), ['auto_delete' => false]);
     }
 
     protected function tearDown(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $conn->deleteQueue($this->queue);
         $conn->close();
     }
@@ -72,7 +71,7 @@ final class ConsumerInteropTest extends TestCase
         // php-amqp encodes lists of strings only (see ProducerTest), so its list is of strings.
         $headers = ['s' => 'text', 'i' => -42, 'big' => PHP_INT_MAX, 'f' => 2.5, 'b' => true,
             'words' => ['x', 'y'], 'table' => ['k' => 'v', 'deep' => ['n' => 7]]];
-        $conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => 5672, 'login' => 'guest', 'password' => 'guest']);
+        $conn = new AMQPConnection(Broker::phpAmqpCredentials());
         $conn->connect();
         $ex = new AMQPExchange(new AMQPChannel($conn));
         $ex->setName('');
@@ -101,7 +100,7 @@ final class ConsumerInteropTest extends TestCase
         $headers = ['s' => 'text', 'i' => -42, 'big' => PHP_INT_MAX, 'f' => 2.5, 'b' => false,
             'n' => null, 'ints' => [1, 2, 3], 'mixed' => ['a', 1, true],
             'table' => ['k' => 'v', 'deep' => ['n' => 7, 'list' => ['z']]]];
-        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $conn = Broker::amqplib();
         $ch = $conn->channel();
         $props = self::PROPERTIES;
         $props['application_headers'] = new AMQPTable($headers);
@@ -152,7 +151,7 @@ final class ConsumerInteropTest extends TestCase
         $nacked = count(array_filter(range(0, 599), fn (int $i) => $i % 7 === 0 && $i % 5 !== 0));
         $this->assertSame(600 + $nacked, $seen, 'each nacked message came back once');
         $this->conn->close();
-        $check = new Connection(Broker::URI);
+        $check = new Connection(Broker::uri());
         $this->assertSame(0, $check->queueStatus($this->queue)['messages']);
         $check->close();
     }

@@ -16,13 +16,13 @@ final class ConsumerTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = $this->conn->declareQueue(Broker::unique('consumer'));
     }
 
     protected function tearDown(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         try {
             $conn->deleteQueue($this->queue);
         } catch (ChannelException) {
@@ -252,7 +252,7 @@ final class ConsumerTest extends TestCase
     public function testDeletingTheQueueEndsConsumeWithAClearException(): void
     {
         $consumer = $this->conn->consumer($this->queue);
-        $other = new Connection(Broker::URI);
+        $other = new Connection(Broker::uri());
         $other->deleteQueue($this->queue);
         $this->expectException(ChannelException::class);
         $this->expectExceptionMessage($this->queue);
@@ -295,7 +295,7 @@ final class ConsumerTest extends TestCase
         // ~4 s; the callback blocks PHP for 6 s and the ack must still land afterwards. (1 s
         // left too little slack on a loaded 2-core machine: lapin itself gives up on a broker
         // silent for 2 s.)
-        $conn = new Connection(Broker::URI, ['heartbeat' => 2, 'name' => Broker::unique('hb')]);
+        $conn = new Connection(Broker::uri(), ['heartbeat' => 2, 'name' => Broker::unique('hb')]);
         $this->publish(1);
         $n = $conn->consumer($this->queue)->consume(function () {
             sleep(6);

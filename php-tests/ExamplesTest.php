@@ -30,7 +30,7 @@ final class ExamplesTest extends TestCase
         foreach ($this->background as $i => $p) {
             $this->stop($i);
         }
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $conn->deleteQueue($this->queue);
         $conn->close();
     }
@@ -101,7 +101,7 @@ final class ExamplesTest extends TestCase
         $this->assertMatchesRegularExpression('/^client: div\(1, 0\) = error: division by zero /m', $out);
         $this->assertMatchesRegularExpression('/^client: pow\(2, 8\) = error: unknown op "pow" /m', $out);
         // Bad requests are answered with an error too, and the server goes on.
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $notJson = $conn->rpc('add 2 3', $this->queue, '', [], 5.0)->json();
         $this->assertFalse($notJson['ok']);
         $this->assertStringContainsString('not valid JSON', $notJson['error']);

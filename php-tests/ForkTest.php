@@ -44,10 +44,10 @@ final class ForkTest extends TestCase
 
     public function testChildOpensItsOwnConnectionAndParentKeepsWorking(): void
     {
-        $parent = new Connection(Broker::URI);
+        $parent = new Connection(Broker::uri());
         $q = $parent->declareQueue(Broker::unique('fork'), ['auto_delete' => false]);
         $status = $this->inChild(function () use ($q): bool {
-            $own = new Connection(Broker::URI);
+            $own = new Connection(Broker::uri());
             $own->purgeQueue($q);
             $own->bindQueue($q, 'amq.direct', $q);
             $own->close();
@@ -62,7 +62,7 @@ final class ForkTest extends TestCase
 
     public function testChildUsingTheParentsConnectionGetsAnExceptionNotAHang(): void
     {
-        $parent = new Connection(Broker::URI);
+        $parent = new Connection(Broker::uri());
         $status = $this->inChild(function () use ($parent): bool {
             if ($parent->isConnected()) {
                 return false;
@@ -80,7 +80,7 @@ final class ForkTest extends TestCase
 
     public function testChildThatExitsNormallyLeavesTheParentsSocketAlone(): void
     {
-        $parent = new Connection(Broker::URI);
+        $parent = new Connection(Broker::uri());
         $q = $parent->declareQueue('', ['exclusive' => true]);
         $pid = pcntl_fork();
         if ($pid === 0) {
@@ -96,7 +96,7 @@ final class ForkTest extends TestCase
 
     public function testManyChildrenEachWorkWhileTheParentWorks(): void
     {
-        $parent = new Connection(Broker::URI);
+        $parent = new Connection(Broker::uri());
         $q = $parent->declareQueue(Broker::unique('fork-many'));
         $pids = [];
         for ($i = 0; $i < 5; $i++) {
@@ -104,7 +104,7 @@ final class ForkTest extends TestCase
             if ($pid === 0) {
                 $ok = false;
                 try {
-                    $own = new Connection(Broker::URI);
+                    $own = new Connection(Broker::uri());
                     $own->bindQueue($q, 'amq.topic', "child.$i");
                     $ok = true;
                 } catch (Throwable $e) {
@@ -128,7 +128,7 @@ final class ForkTest extends TestCase
     {
         // php-fpm style: a parent with a live connection, producer and consumer forks workers.
         $name = Broker::unique('fork-parent');
-        $parent = new Connection(Broker::URI, ['name' => $name]);
+        $parent = new Connection(Broker::uri(), ['name' => $name]);
         $q = $parent->declareQueue(Broker::unique('fork-parent-q'), ['auto_delete' => false]);
         $producer = $parent->producer();
         $producer->publish('before', $q);
@@ -150,7 +150,7 @@ final class ForkTest extends TestCase
                 // the parent's objects it inherited run too, and must leave the socket alone.
                 $code = 1;
                 try {
-                    $own = new Connection(Broker::URI);
+                    $own = new Connection(Broker::uri());
                     $mine = $own->declareQueue('', ['exclusive' => true]);
                     $p = $own->producer();
                     for ($n = 0; $n < 10; $n++) {

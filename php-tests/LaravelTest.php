@@ -42,7 +42,7 @@ final class LaravelTest extends TestCase
             $this->fail($missing);
         }
         self::$app ??= new LaravelApp(Broker::extensionPath());
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = Broker::unique('laravel');
         $this->work = self::$app->dir . '/work/' . $this->getName(false);
         mkdir($this->work, 0777, true);
@@ -411,7 +411,7 @@ final class LaravelTest extends TestCase
     private function consumers(): int
     {
         try {
-            return (new Connection(Broker::URI))->queueStatus($this->queue)['consumers'];
+            return (new Connection(Broker::uri()))->queueStatus($this->queue)['consumers'];
         } catch (ChannelException) {
             return 0;
         }
@@ -419,6 +419,6 @@ final class LaravelTest extends TestCase
 
     private function env(array $extra = []): array
     {
-        return $extra + $this->env + ['AMQP_URI' => Broker::URI, 'AMQP_QUEUE' => $this->queue, 'AMQP_FAILED_QUEUE' => '', 'AMQP_DEAD_LETTER' => ''];
+        return $extra + $this->env + ['AMQP_URI' => Broker::uri(), 'AMQP_QUEUE' => $this->queue, 'AMQP_FAILED_QUEUE' => '', 'AMQP_DEAD_LETTER' => ''];
     }
 }

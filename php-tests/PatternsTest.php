@@ -30,7 +30,7 @@ final class PatternsTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = $this->conn->declareQueue(Broker::unique('patterns'));
     }
 
@@ -39,7 +39,7 @@ final class PatternsTest extends TestCase
         if (is_resource($this->server)) {
             $this->stopServer();
         }
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $conn->deleteQueue($this->queue);
         $conn->close();
     }
@@ -215,7 +215,7 @@ final class PatternsTest extends TestCase
         $producer->waitForConfirms();
         $this->take()->reply('{"status":"done"}', ['content_type' => 'application/json', 'headers' => ['node' => 'n1']]);
         // reply() waited for the broker, so the reply is in the queue now; read it with php-amqplib.
-        $amqplib = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $amqplib = Broker::amqplib();
         $got = $amqplib->channel()->basic_get($results, true);
         $amqplib->close();
         $this->conn->deleteQueue($results);
@@ -253,7 +253,7 @@ final class PatternsTest extends TestCase
 
     public function testJsonDecodesABodyPublishedByAnotherClient(): void
     {
-        $amqplib = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $amqplib = Broker::amqplib();
         $amqplib->channel()->basic_publish(new AMQPMessage('{"a":{"b":[1,2.5,"\u00e9"]},"c":null}'), '', $this->queue);
         $amqplib->close();
         $deadline = microtime(true) + 5;

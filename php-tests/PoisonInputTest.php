@@ -6,7 +6,6 @@ use AmqpRs\ChannelException;
 use AmqpRs\Connection;
 use AmqpRs\Message;
 use AmqpRs\Tests\Support\Broker;
-use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Message\AMQPMessage;
 use PhpAmqpLib\Wire\AMQPTable;
 use PHPUnit\Framework\TestCase;
@@ -27,7 +26,7 @@ final class PoisonInputTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = Broker::unique('poison');
         $this->dlx = Broker::unique('poison-dlx');
         $this->dlq = Broker::unique('poison-dlq');
@@ -51,7 +50,7 @@ final class PoisonInputTest extends TestCase
             $this->conn->close();
         } catch (AmqpRs\Exception) {
         }
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         foreach ([$this->queue, $this->dlq] as $queue) {
             try {
                 $conn->deleteQueue($queue);
@@ -76,7 +75,7 @@ final class PoisonInputTest extends TestCase
      */
     private function publishRaw(array $messages): void
     {
-        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $conn = Broker::amqplib();
         $ch = $conn->channel();
         $ch->confirm_select();
         foreach ($messages as $m) {
@@ -89,7 +88,7 @@ final class PoisonInputTest extends TestCase
     /** Takes (with php-amqplib, which reads any bytes) what the DLQ holds, by body. */
     private function takeDeadLetters(int $expected): array
     {
-        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $conn = Broker::amqplib();
         $ch = $conn->channel();
         $dead = [];
         // Dead-lettering is asynchronous to the reject that causes it.

@@ -8,8 +8,8 @@ use AmqpRs\Producer;
 use AmqpRs\PublishException;
 use AmqpRs\TimeoutException;
 use AmqpRs\Tests\Support\Broker;
-use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Message\AMQPMessage;
+use PHPUnit\Framework\Attributes\DataProvider;
 use PHPUnit\Framework\TestCase;
 
 final class ProducerTest extends TestCase
@@ -19,13 +19,13 @@ final class ProducerTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = $this->conn->declareQueue(Broker::unique('producer'), ['auto_delete' => false]);
     }
 
     protected function tearDown(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $conn->deleteQueue($this->queue);
         $conn->close();
     }
@@ -33,7 +33,7 @@ final class ProducerTest extends TestCase
     /** Reads one message with php-amqplib, an independent client. */
     private function getWithAmqplib(): AMQPMessage
     {
-        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $conn = Broker::amqplib();
         $msg = $conn->channel()->basic_get($this->queue, true);
         $conn->close();
         $this->assertNotNull($msg, 'queue was empty');
@@ -253,7 +253,7 @@ final class ProducerTest extends TestCase
             // m5 to m7 are nacked: the queue is full. Make room before their republish.
             usleep(100_000);
             $this->assertSame(3, $producer->pendingConfirms(), 'the nacked ones wait for their republish');
-            $reader = new Connection(Broker::URI);
+            $reader = new Connection(Broker::uri());
             for ($i = 0; $i < 5; $i++) {
                 $message = $reader->get($queue);
                 $this->assertSame("m$i", $message?->getBody());
@@ -335,7 +335,7 @@ final class ProducerTest extends TestCase
 
     public function testProducerOutlivesItsConnectionObject(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $producer = $conn->producer();
         unset($conn);
         $producer->publish('still here', $this->queue);
@@ -384,6 +384,7 @@ final class ProducerTest extends TestCase
     }
 
     /** @dataProvider wrongTypes */
+    #[DataProvider('wrongTypes')]
     public function testWrongPhpTypesRaiseTypeError(callable $call): void
     {
         $this->expectException(TypeError::class);
@@ -438,7 +439,7 @@ final class ProducerTest extends TestCase
             'user_id' => 'guest', 'app_id' => 'a1',
         ]);
         $producer->waitForConfirms();
-        $conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => 5672, 'login' => 'guest', 'password' => 'guest']);
+        $conn = new AMQPConnection(Broker::phpAmqpCredentials());
         $conn->connect();
         $q = new AMQPQueue(new AMQPChannel($conn));
         $q->setName($this->queue);

@@ -7,7 +7,6 @@ use AmqpRs\ConnectionException;
 use AmqpRs\Message;
 use AmqpRs\PublishException;
 use AmqpRs\Tests\Support\Broker;
-use PhpAmqpLib\Connection\AMQPStreamConnection;
 use PhpAmqpLib\Message\AMQPMessage;
 use PHPUnit\Framework\TestCase;
 
@@ -41,7 +40,7 @@ final class RecoveryTest extends TestCase
             fclose($stdin);
             proc_close($proc);
         }
-        $conn = new Connection(Broker::URI, ['reconnect' => false]);
+        $conn = new Connection(Broker::uri(), ['reconnect' => false]);
         $conn->deleteQueue($this->queue);
         $conn->close();
     }
@@ -66,7 +65,7 @@ final class RecoveryTest extends TestCase
         $this->awaitReplaced();
         $pid = $this->lastClosed = $this->connectionPid();
         $this->assertNotNull($pid, "no connection named {$this->name} on the broker");
-        $this->faults[] = proc_open(['rabbitmqctl', 'close_connection', $pid, 'recovery test'], [1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']], $pipes);
+        $this->faults[] = proc_open(Broker::ctlArgv('close_connection', $pid, 'recovery test'), [1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']], $pipes);
         return $pid;
     }
 
@@ -89,7 +88,7 @@ final class RecoveryTest extends TestCase
     /** Starts a fault proxy in front of the broker (Support/proxy.php fault); returns its port. */
     private function proxy(): int
     {
-        $proc = proc_open([PHP_BINARY, __DIR__ . '/Support/proxy.php', 'fault', '5672'], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
+        $proc = proc_open([PHP_BINARY, __DIR__ . '/Support/proxy.php', 'fault', (string) Broker::port()], [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => STDERR], $pipes);
         $this->assertIsResource($proc);
         $port = (int) trim((string) fgets($pipes[1]));
         $this->assertGreaterThan(0, $port, 'proxy did not start');
@@ -108,7 +107,7 @@ final class RecoveryTest extends TestCase
     /** Message ids in the queue, read with php-amqplib (independent of amqp_rs). */
     private function idsInQueue(): array
     {
-        $conn = new AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $conn = Broker::amqplib();
         $ch = $conn->channel();
         $ids = [];
         while ($m = $ch->basic_get($this->queue, true)) {
@@ -120,7 +119,7 @@ final class RecoveryTest extends TestCase
 
     public function testAPublishingLoopCarriesOnAndReportsEveryUnconfirmedMessage(): void
     {
-        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $conn = new Connection(Broker::uri(), ['name' => $this->name]);
         $conn->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
         $producer = $conn->producer();
         $failed = [];
@@ -168,7 +167,7 @@ final class RecoveryTest extends TestCase
 
     public function testAWorkerCarriesOnAndEveryMessageIsHandled(): void
     {
-        $setup = new Connection(Broker::URI, ['reconnect' => false]);
+        $setup = new Connection(Broker::uri(), ['reconnect' => false]);
         $setup->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
         $producer = $setup->producer();
         for ($i = 0; $i < 3_000; $i++) {
@@ -177,7 +176,7 @@ final class RecoveryTest extends TestCase
         $producer->waitForConfirms(30);
         $setup->close();
 
-        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $conn = new Connection(Broker::uri(), ['name' => $this->name]);
         $seen = [];
         $pids = [];
         $handled = $conn->consumer($this->queue, ['prefetch' => 50])->consume(
@@ -203,11 +202,11 @@ final class RecoveryTest extends TestCase
 
     public function testPublishingAndWorkCarryOnAcrossABrokerRestart(): void
     {
-        $setup = new Connection(Broker::URI, ['reconnect' => false]);
+        $setup = new Connection(Broker::uri(), ['reconnect' => false]);
         $setup->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false]);
         $setup->close();
 
-        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $conn = new Connection(Broker::uri(), ['name' => $this->name]);
         $this->lastClosed = $this->connectionPid();
         $producer = $conn->producer();
         $failed = [];
@@ -220,7 +219,7 @@ final class RecoveryTest extends TestCase
         for ($i = 0; $i < 4_000; $i++) {
             if ($i === 1_000) {
                 // The broker stops and starts again while publishes are in flight.
-                $restart = proc_open('rabbitmqctl stop_app && rabbitmqctl start_app', [1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']], $pipes);
+                $restart = proc_open(implode(' ', array_map('escapeshellarg', Broker::ctlArgv('stop_app'))) . ' && ' . implode(' ', array_map('escapeshellarg', Broker::ctlArgv('start_app'))), [1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']], $pipes);
             }
             try {
                 $producer->publish("body $i", $this->queue, '', ['message_id' => "m$i"]);
@@ -261,7 +260,7 @@ final class RecoveryTest extends TestCase
 
     public function testWithReconnectOffALostConnectionIsAClearError(): void
     {
-        $conn = new Connection(Broker::URI, ['name' => $this->name, 'reconnect' => false]);
+        $conn = new Connection(Broker::uri(), ['name' => $this->name, 'reconnect' => false]);
         $conn->declareQueue($this->queue, ['auto_delete' => false]);
         $producer = $conn->producer();
         Broker::ctl('close_connection', $this->connectionPid(), 'recovery test');
@@ -348,7 +347,7 @@ final class RecoveryTest extends TestCase
         // A subscriber as events systems have them: a generated exclusive queue bound to a
         // fanout exchange. The broker deletes both queues with the lost connection.
         $exchange = Broker::unique('recovery-fanout');
-        $conn = new Connection(Broker::URI, ['name' => $this->name]);
+        $conn = new Connection(Broker::uri(), ['name' => $this->name]);
         $conn->declareExchange($exchange, 'fanout', ['durable' => false, 'auto_delete' => true]);
         $generated = $conn->declareQueue('', ['exclusive' => true]);
         $named = $conn->declareQueue($this->queue, ['exclusive' => true, 'durable' => false]);

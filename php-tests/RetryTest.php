@@ -15,13 +15,13 @@ final class RetryTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = $this->conn->declareQueue(Broker::unique('retry'), ['auto_delete' => false]);
     }
 
     protected function tearDown(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         foreach ([$this->queue, "{$this->queue}.dead", "{$this->queue}.graveyard"] as $queue) {
             $conn->deleteQueue($queue);
         }

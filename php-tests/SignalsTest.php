@@ -19,7 +19,7 @@ final class SignalsTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->queue = $this->conn->declareQueue(Broker::unique('signals'));
     }
 

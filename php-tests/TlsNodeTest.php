@@ -6,6 +6,7 @@ use AmqpRs\Connection;
 use AmqpRs\ConnectionException;
 use AmqpRs\Tests\Support\Broker;
 use AmqpRs\Tests\Support\Node;
+use PHPUnit\Framework\Attributes\DataProvider;
 use PHPUnit\Framework\TestCase;
 
 require_once __DIR__ . '/Support/Node.php';
@@ -222,6 +223,7 @@ final class TlsNodeTest extends TestCase
     }
 
     /** @dataProvider badInput */
+    #[DataProvider('badInput')]
     public function testNoPasswordInTheErrorsAboutBadInputOrUnreachableBrokers(string|array $uri, array $options): void
     {
         try {

@@ -15,12 +15,12 @@ final class TopologyTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
     }
 
     protected function tearDown(): void
     {
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         foreach ($this->cleanup as [$kind, $name]) {
             try {
                 $kind === 'queue' ? $conn->deleteQueue($name) : $conn->deleteExchange($name);
@@ -53,7 +53,7 @@ final class TopologyTest extends TestCase
         $name = $this->conn->declareQueue('', ['exclusive' => true, 'durable' => false]);
         $this->assertMatchesRegularExpression('/^amq_rs\.gen-[A-Za-z0-9_-]{22}$/', $name);
         $this->assertNotSame($name, $this->conn->declareQueue('', ['exclusive' => true, 'durable' => false]));
-        $plain = new Connection(Broker::URI, ['reconnect' => false]);
+        $plain = new Connection(Broker::uri(), ['reconnect' => false]);
         $this->assertStringStartsWith('amq.gen-', $plain->declareQueue('', ['exclusive' => true]));
         $plain->close();
     }
@@ -83,7 +83,7 @@ final class TopologyTest extends TestCase
         $x = $this->exchange('headers');
         $q = $this->queue();
         $this->conn->bindQueue($q, $x, '', ['x-match' => 'all', 'kind' => 'report']);
-        $conn = new PhpAmqpLib\Connection\AMQPStreamConnection('127.0.0.1', 5672, 'guest', 'guest');
+        $conn = Broker::amqplib();
         $ch = $conn->channel();
         $match = new PhpAmqpLib\Message\AMQPMessage('a', ['application_headers' => new PhpAmqpLib\Wire\AMQPTable(['kind' => 'report'])]);
         $miss = new PhpAmqpLib\Message\AMQPMessage('b', ['application_headers' => new PhpAmqpLib\Wire\AMQPTable(['kind' => 'other'])]);
@@ -199,7 +199,7 @@ final class TopologyTest extends TestCase
 
     public function testExclusiveQueueIsDeletedWithItsConnection(): void
     {
-        $other = new Connection(Broker::URI);
+        $other = new Connection(Broker::uri());
         $q = $other->declareQueue(Broker::unique('excl'), ['exclusive' => true]);
         try {
             $this->conn->queueStatus($q);

@@ -26,7 +26,7 @@ final class WorkerExamplesTest extends TestCase
 
     protected function setUp(): void
     {
-        $this->conn = new Connection(Broker::URI);
+        $this->conn = new Connection(Broker::uri());
         $this->prefix = Broker::unique('examples');
         $this->store = sys_get_temp_dir() . '/' . $this->prefix;
     }
@@ -36,7 +36,7 @@ final class WorkerExamplesTest extends TestCase
         foreach ($this->procs as $p) {
             Children::end($p['proc']);
         }
-        $conn = new Connection(Broker::URI);
+        $conn = new Connection(Broker::uri());
         $queues = ["{$this->prefix}.jobs"];
         foreach (['tasks.email', 'tasks.image', 'tasks.report', 'events.audit', 'events.billing'] as $q) {
             $queues[] = "{$this->prefix}.$q";
@@ -301,7 +301,7 @@ final class WorkerExamplesTest extends TestCase
     private function start(string $script, string ...$args): int
     {
         $so = Broker::extensionPath();
-        $env = ['AMQP_URI' => Broker::URI, 'AMQP_PREFIX' => $this->prefix, 'PATH' => getenv('PATH')];
+        $env = ['AMQP_URI' => Broker::uri(), 'AMQP_PREFIX' => $this->prefix, 'PATH' => getenv('PATH')];
         $proc = proc_open(
             [PHP_BINARY, '-d', "extension=$so", self::EXAMPLES . "/$script", ...$args],
             [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => ['redirect', 1]],

@@ -2,7 +2,8 @@
 // A TCP proxy in front of the test broker, in one of two modes:
 //   php proxy.php fault TARGET_PORT       plain TCP to TARGET_PORT, and it can fail the way
 //                                         networks do, for recovery tests;
-//   php proxy.php tls CERT KEY [CLIENT_CA] TLS-terminating, to the plain broker on 5672, so
+//   php proxy.php tls CERT KEY [CLIENT_CA] TLS-terminating, to the plain test broker (the port
+//                                         AMQP_RS_TEST_URI names, default 5672), so
 //                                         amqps:// is tested end to end without reconfiguring
 //                                         RabbitMQ; with CLIENT_CA, mutual TLS.
 // It prints its own port, then reads commands on stdin, answering "ok" to each:
@@ -18,7 +19,7 @@ if ($mode === 'fault') {
     $target = (int) ($argv[2] ?? 5672);
     $server = stream_socket_server('tcp://127.0.0.1:0', $errno, $errstr);
 } elseif ($mode === 'tls' && isset($argv[2], $argv[3])) {
-    $target = 5672;
+    $target = (int) (parse_url(getenv('AMQP_RS_TEST_URI') ?: 'amqp://127.0.0.1:5672', PHP_URL_PORT) ?? 5672);
     $ssl = ['local_cert' => $argv[2], 'local_pk' => $argv[3], 'verify_peer' => false, 'verify_peer_name' => false];
     if (isset($argv[4])) {
         // Mutual TLS: a client without a certificate signed by this CA is refused.

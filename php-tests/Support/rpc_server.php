@@ -14,7 +14,7 @@ $queue = $argv[1];
 $idle = (float) ($argv[2] ?? 10);
 $max = (int) ($argv[3] ?? 1000);
 
-$conn = new AmqpRs\Connection('amqp://guest:guest@127.0.0.1:5672/%2f', ['name' => 'rpc_server']);
+$conn = new AmqpRs\Connection(getenv('AMQP_RS_TEST_URI') ?: 'amqp://guest:guest@127.0.0.1:5672/%2f', ['name' => 'rpc_server']);
 $consumer = $conn->consumer($queue, ['prefetch' => 1]);
 echo "ready\n";
 $n = $consumer->consume(function (AmqpRs\Message $m) {

@@ -12,7 +12,7 @@ if ($userHandler) {
         echo "user handler ran\n";
     });
 }
-$conn = new AmqpRs\Connection('amqp://guest:guest@127.0.0.1:5672/%2f');
+$conn = new AmqpRs\Connection(getenv('AMQP_RS_TEST_URI') ?: 'amqp://guest:guest@127.0.0.1:5672/%2f');
 $consumer = $conn->consumer($queue, ['prefetch' => 1]);
 $n = $consumer->consume(function (AmqpRs\Message $m) use ($sleepMs) {
     if ($m->getBody() === 'ready') {
