@@ -82,6 +82,18 @@ final class Broker
         return ['host' => self::host(), 'port' => self::port(), 'login' => self::user(), 'password' => self::password(), 'vhost' => self::vhost()];
     }
 
+    /** The broker's major version (3 or 4), from the server properties it sends. */
+    public static function majorVersion(): int
+    {
+        static $major = null;
+        if ($major === null) {
+            $conn = self::amqplib();
+            $major = (int) explode('.', (string) ($conn->getServerProperties()['version'][1] ?? '0'))[0];
+            $conn->close();
+        }
+        return $major;
+    }
+
     /** The node rabbitmqctl must talk to (AMQP_RS_TEST_NODE), or null for its default. */
     public static function node(): ?string
     {
