@@ -319,7 +319,7 @@ final class WorkerExamplesTest extends TestCase
     {
         $i = $this->start($script, ...$args);
         fclose($this->procs[$i]['in']);
-        $this->assertSame(0, $this->waitForExit($i, 15), "$script failed:\n" . $this->output($i));
+        $this->assertSame(0, $this->waitForExit($i, 15), "$script failed:\n" . $this->outputOf($i));
         return $i;
     }
 
@@ -364,7 +364,7 @@ final class WorkerExamplesTest extends TestCase
             }
             $this->poll(0.05);
         }
-        $this->fail("no line matching $regex within {$timeout}s; output:\n" . $this->output(...$procs));
+        $this->fail("no line matching $regex within {$timeout}s; output:\n" . $this->outputOf(...$procs));
     }
 
     private function waitForLine(int $proc, string $regex, float $timeout = 10): string
@@ -383,7 +383,7 @@ final class WorkerExamplesTest extends TestCase
                 break;
             }
             if (microtime(true) > $deadline) {
-                $this->fail("{$this->procs[$i]['pid']} did not exit within {$timeout}s; output:\n" . $this->output($i));
+                $this->fail("{$this->procs[$i]['pid']} did not exit within {$timeout}s; output:\n" . $this->outputOf($i));
             }
             $this->poll(0.05);
         }
@@ -418,7 +418,7 @@ final class WorkerExamplesTest extends TestCase
         return $counts;
     }
 
-    private function output(int ...$procs): string
+    private function outputOf(int ...$procs): string
     {
         return implode("\n", array_map(fn ($i) => implode("\n", $this->procs[$i]['lines']) . $this->procs[$i]['buf'], $procs));
     }

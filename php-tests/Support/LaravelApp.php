@@ -154,6 +154,12 @@ final class LaravelApp
             'bootstrap/app.php' => <<<'PHP'
                 <?php
                 $app = new Illuminate\Foundation\Application(dirname(__DIR__));
+                // Laravel 11+ merges the framework's default config files from
+                // Illuminate/../../config, a path Debian's layout does not have (it ships them in
+                // Illuminate/config); this app's config/ is complete without them.
+                if (method_exists($app, 'dontMergeFrameworkConfiguration')) {
+                    $app->dontMergeFrameworkConfiguration();
+                }
                 $app->singleton(Illuminate\Contracts\Console\Kernel::class, Illuminate\Foundation\Console\Kernel::class);
                 $app->singleton(Illuminate\Contracts\Debug\ExceptionHandler::class, Illuminate\Foundation\Exceptions\Handler::class);
                 return $app;
@@ -236,6 +242,9 @@ final class LaravelApp
                         Illuminate\Filesystem\FilesystemServiceProvider::class,
                         Illuminate\Foundation\Providers\ConsoleSupportServiceProvider::class,
                         Illuminate\Queue\QueueServiceProvider::class,
+                        // Laravel 10+: queue:work asks for the maintenance mode, which this binds.
+                        ...(interface_exists(Illuminate\Contracts\Foundation\MaintenanceMode::class)
+                            ? [Illuminate\Foundation\Providers\FoundationServiceProvider::class] : []),
                     ],
                     'aliases' => [],
                 ];

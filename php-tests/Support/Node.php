@@ -144,8 +144,14 @@ final class Node
     {
         $expr = sprintf(
             // (the node's own console gets what the steps log, not our output)
-            'group_leader(whereis(user), self()), ok = rabbit:stop(), ok = rabbit_mnesia:reset(), '
-            . "case rabbit_mnesia:join_cluster('%s', %s) of ok -> ok; {ok, already_member} -> ok; E -> exit({join_cluster, E}) end, "
+            // RabbitMQ 3.13+ (Khepri or Mnesia) has rabbit_db / rabbit_db_cluster; 4.x has no
+            // rabbit_mnesia:reset/0 any more; 3.12 and older have only rabbit_mnesia.
+            'group_leader(whereis(user), self()), '
+            . '{Reset, Join} = case code:ensure_loaded(rabbit_db_cluster) of '
+            . '{module, _} -> {fun rabbit_db:reset/0, fun rabbit_db_cluster:join/2}; '
+            . '_ -> {fun rabbit_mnesia:reset/0, fun rabbit_mnesia:join_cluster/2} end, '
+            . 'ok = rabbit:stop(), ok = Reset(), '
+            . "case Join('%s', %s) of ok -> ok; {ok, already_member} -> ok; E -> exit({join_cluster, E}) end, "
             . 'ok = rabbit:start().',
             $seed->name,
             $ramNode ? 'ram' : 'disc',
@@ -364,7 +370,15 @@ final class Node
         self::$live[$name] = $node;
         if (!self::$shutdownRegistered) {
             self::$shutdownRegistered = true;
-            register_shutdown_function([self::class, 'stopAll']);
+            $owner = getmypid();
+            register_shutdown_function(static function () use ($owner): void {
+                // Only the process that started the nodes stops them (not a forked child), and
+                // with no test running PHPUnit's error handler has no test to report to.
+                if (getmypid() === $owner) {
+                    set_error_handler(static fn (): bool => true);
+                    self::stopAll();
+                }
+            });
         }
         return $node;
     }
