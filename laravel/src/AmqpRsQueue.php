@@ -108,6 +108,36 @@ class AmqpRsQueue extends Queue implements QueueContract, ClearableQueue
         return $this->getConnection()->queueStatus($queue)['messages'];
     }
 
+    /** Queue contract of newer Laravel (13 has it): the ready messages, as size(). */
+    public function pendingSize($queue = null)
+    {
+        return $this->size($queue);
+    }
+
+    /**
+     * Queue contract of newer Laravel (13 has it): always 0. Delayed jobs wait in delay queues named per
+     * delay, which AMQP 0-9-1 cannot list (RabbitMQ's management API can).
+     */
+    public function delayedSize($queue = null)
+    {
+        return 0;
+    }
+
+    /**
+     * Queue contract of newer Laravel (13 has it): always 0. AMQP 0-9-1 does not report how many messages
+     * other workers hold unacked (RabbitMQ's management API does).
+     */
+    public function reservedSize($queue = null)
+    {
+        return 0;
+    }
+
+    /** Queue contract of newer Laravel (13 has it): null, since AMQP cannot peek at a queue's head without taking it. */
+    public function creationTimeOfOldestPendingJob($queue = null)
+    {
+        return null;
+    }
+
     public function push($job, $data = '', $queue = null)
     {
         $queue = $this->getQueue($queue);
@@ -242,9 +272,12 @@ class AmqpRsQueue extends Queue implements QueueContract, ClearableQueue
         return $this->getConnection()->purgeQueue($queue);
     }
 
-    /** The queue name to use: the given one, or the connection's default. */
+    /** The queue name to use: the given one (a string, or an enum as newer Laravel allows), or the default. */
     public function getQueue($queue)
     {
+        if ($queue instanceof \UnitEnum) {
+            $queue = $queue instanceof \BackedEnum ? $queue->value : $queue->name;
+        }
         return $queue === null || $queue === '' ? $this->default : (string) $queue;
     }
 
