@@ -5,6 +5,7 @@ declare(strict_types=1);
 use AmqpRs\Connection;
 use AmqpRs\Message;
 use AmqpRs\PublishException;
+use AmqpRs\Tests\Support\Broker;
 use AmqpRs\Tests\Support\Node;
 use PHPUnit\Framework\TestCase;
 
@@ -101,8 +102,14 @@ final class ClusterTest extends TestCase
     /** A quorum queue whose leader is on the first node (declared through it). */
     private function declareQuorumQueue(): void
     {
+        $arguments = ['x-queue-type' => 'quorum'];
+        if (Broker::majorVersion() >= 4) {
+            // RabbitMQ 4.x keeps the messages a consumer on a lost node holds for that long
+            // (default 60 s) before it hands them to other consumers (see docs/recovery.md).
+            $arguments['x-consumer-disconnected-timeout'] = 2_000;
+        }
         $conn = new Connection(self::$nodes[0]->uri(), ['reconnect' => false]);
-        $conn->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false, 'arguments' => ['x-queue-type' => 'quorum']]);
+        $conn->declareQueue($this->queue, ['durable' => true, 'auto_delete' => false, 'arguments' => $arguments]);
         $conn->close();
     }
 
