@@ -165,7 +165,9 @@ final class TopologyTest extends TestCase
     public function testQueueOptionsAndNestedArgumentsReachTheBroker(): void
     {
         $q = $this->queue([
+            // exclusive: RabbitMQ 4.x deprecates transient queues that are not
             'durable' => false,
+            'exclusive' => true,
             'auto_delete' => true,
             'arguments' => [
                 'x-max-length' => 10,

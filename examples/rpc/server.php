@@ -20,8 +20,9 @@ $queue = $argv[1] ?? 'examples.rpc';
 
 $conn = new Connection($uri, ['name' => 'rpc example server']);
 // Goes with the server: once it is gone, calls fail at once (PublishException) instead of
-// waiting for their timeout.
-$conn->declareQueue($queue, ['durable' => false, 'auto_delete' => true]);
+// waiting for their timeout. Durable although requests are transient: RabbitMQ 4.x deprecates
+// transient queues that are not exclusive (a later version will refuse them).
+$conn->declareQueue($queue, ['durable' => true, 'auto_delete' => true]);
 $consumer = $conn->consumer($queue, ['prefetch' => 10]);
 echo "server: waiting for requests on '$queue'\n";
 
