@@ -16,7 +16,7 @@ CONF_DIRS     ?= $(wildcard /etc/php/*/cli/conf.d /etc/php/*/fpm/conf.d)
 # with scripts/deb.sh --php-config ROOT/usr/bin/php-config8.4 --so THAT_BUILD.so --out DIR.
 DEB_PHP_CONFIG ?= php-config
 
-.PHONY: all build deps broker install deb test test-rust test-php test-deb lint demo bench soak clean
+.PHONY: all build deps broker install deb test test-rust test-php test-deb matrix lint demo bench soak clean
 
 all: build
 
@@ -50,18 +50,26 @@ test-rust: broker
 	cargo test
 
 test-php: broker $(SO)
-	$(PHP_EXT) /usr/bin/phpunit -c php-tests/phpunit.xml
+	$(PHP_EXT) /usr/bin/phpunit -c php-tests/phpunit.xml --do-not-cache-result
 
 # The package installed, used and removed in a clean Debian 12 root (made once per machine).
 test-deb: broker deb
 	scripts/deb-test.sh
 
+# The whole suite again on today's newest stack (Debian sid: PHP 8.4, RabbitMQ 4.3, Laravel 13,
+# PHPUnit 13) in a root kept at /var/cache/amqp-rs/sid and reused; needs root. See scripts/matrix.sh.
+matrix: deps broker
+	scripts/matrix.sh
+
+# MATRIX=0 skips the sid stack (a quicker local run); CI runs both stacks.
+MATRIX ?= 1
 test: deps broker
 	$(MAKE) build
 	$(MAKE) lint
 	$(MAKE) test-rust
 	$(MAKE) test-php
 	$(MAKE) test-deb
+	@if [ "$(MATRIX)" != 0 ]; then $(MAKE) matrix; fi
 
 demo: deps broker
 	$(MAKE) build
