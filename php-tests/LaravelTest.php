@@ -79,6 +79,11 @@ final class LaravelTest extends TestCase
 
         $this->assertSame(2, $dispatched['size'], 'Queue::size() after two dispatches');
         $this->assertTrue($dispatched['persistent'], 'the driver dispatches over a persistent connection by default');
+        if (isset($dispatched['pending'])) {
+            // Laravel 13's contract: ready jobs are pending; AMQP counts no delayed or reserved ones.
+            $this->assertSame(['pending' => 2, 'delayed' => 0, 'reserved' => 0, 'oldest' => null],
+                array_intersect_key($dispatched, ['pending' => 0, 'delayed' => 0, 'reserved' => 0, 'oldest' => 0]));
+        }
         $message = $this->conn->get($this->queue, true);
         $this->assertNotNull($message);
         $payload = $message->json();

@@ -202,8 +202,12 @@ final class LaravelApp
                     unset($pending);  // PendingDispatch queues the job when destroyed
                 }
                 $queue = Illuminate\Support\Facades\Queue::connection();
+                // The Queue contract's counts of newer Laravel (13 has them), where it has them.
+                $sizes = method_exists($queue, 'pendingSize')
+                    ? ['pending' => $queue->pendingSize(), 'delayed' => $queue->delayedSize(), 'reserved' => $queue->reservedSize(), 'oldest' => $queue->creationTimeOfOldestPendingJob()]
+                    : [];
                 fwrite(STDOUT, json_encode(['seconds' => microtime(true) - $start, 'size' => $queue->size(),
-                    'persistent' => $queue->getConnection()->isPersistent()]) . "\n");
+                    'persistent' => $queue->getConnection()->isPersistent()] + $sizes) . "\n");
                 PHP,
             // The web entry point (served by php-fpm in benches/web.php, W3), with one route:
             // GET /dispatch dispatches one Noop job and answers "ok".
