@@ -68,8 +68,10 @@ test: deps broker
 	$(MAKE) lint
 	$(MAKE) test-rust
 	$(MAKE) test-php
-	$(MAKE) test-deb
+	@echo "host stack: $$(scripts/stack.sh)"
 	@if [ "$(MATRIX)" != 0 ]; then $(MAKE) matrix; fi
+	# after the matrix: test-deb also packages the matrix's PHP 8.4 build, of this commit then
+	$(MAKE) test-deb
 
 demo: deps broker
 	$(MAKE) build

@@ -212,12 +212,7 @@ EOF
 }
 
 print_versions() {
-  local laravel
-  laravel=$(in_root php -r 'require "/usr/share/php/Illuminate/autoload.php"; echo Illuminate\Foundation\Application::VERSION;' 2>/dev/null || echo '?')
-  STACK="PHP $(in_root php -r 'echo PHP_VERSION;'), RabbitMQ $(in_root rabbitmqctl -n "$NODE" version 2>/dev/null)"
-  STACK+=", Laravel $laravel, $(in_root phpunit --version | grep -o 'PHPUnit [0-9.]*')"
-  STACK+=", php-amqp $(in_root php -r 'echo phpversion("amqp");')"
-  STACK+=", php-amqplib $(in_root dpkg-query -W -f='${Version}' php-amqplib)"
+  STACK=$(in_root "$IN_SRC/scripts/stack.sh" "$NODE")
   log "stack: Debian sid: $STACK"
 }
 
