@@ -44,7 +44,7 @@ final class FpmTest extends TestCase
 
     private function startPool(int $workers, ?array $phpArgs = null): Fpm
     {
-        $this->fpm = new Fpm($this->docroot, $workers, $phpArgs ?? ['extension=' . Broker::extensionPath()], ['AMQP_URI' => Broker::URI]);
+        $this->fpm = new Fpm($this->docroot, $workers, $phpArgs ?? ['extension=' . Broker::extensionPath()], ['AMQP_URI' => Broker::uri()]);
         $this->fpm->start();
         return $this->fpm;
     }
@@ -52,7 +52,7 @@ final class FpmTest extends TestCase
     public function testRequestPublishesThroughAmqpRsInAnFpmWorker(): void
     {
         $queue = Broker::unique('fpm');
-        $conn = new AmqpRs\Connection(Broker::URI);
+        $conn = new AmqpRs\Connection(Broker::uri());
         $conn->declareQueue($queue, ['auto_delete' => false]);
         try {
             $fpm = $this->startPool(2);
@@ -82,20 +82,21 @@ final class FpmTest extends TestCase
      */
     public function testTcpConnectionsSeesAWorkersBrokerConnectionOutliveItsRequest(): void
     {
-        file_put_contents($this->docroot . '/pconnect.php', <<<'PHP'
+        $credentials = var_export(Broker::phpAmqpCredentials(), true);
+        file_put_contents($this->docroot . '/pconnect.php', <<<PHP
             <?php
-            $conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => 5672, 'login' => 'guest', 'password' => 'guest']);
-            $conn->pconnect();
+            \$conn = new AMQPConnection($credentials);
+            \$conn->pconnect();
             echo getmypid();
             PHP);
         $fpm = $this->startPool(1, ['extension=amqp.so']);
         [$worker] = $fpm->workerPids();
-        $this->assertSame([], Fpm::tcpConnections($worker, 5672));
+        $this->assertSame([], Fpm::tcpConnections($worker, Broker::port()));
         $seen = [];
         for ($i = 0; $i < 3; $i++) {
             [$status, $body] = $fpm->get('/pconnect.php');
             $this->assertSame([200, (string) $worker], [$status, $body], $fpm->logs());
-            $seen[] = Fpm::tcpConnections($worker, 5672);
+            $seen[] = Fpm::tcpConnections($worker, Broker::port());
         }
         $this->assertCount(1, $seen[0], 'one connection to the broker after the first request');
         $this->assertSame([$seen[0], $seen[0], $seen[0]], $seen, 'the same connection (local port) after each request');

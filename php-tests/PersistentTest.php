@@ -59,7 +59,7 @@ final class PersistentTest extends TestCase
         $this->fpm?->stop();
         $this->node?->stop();
         if ($this->queues !== []) {
-            $conn = new AmqpRs\Connection(Broker::URI);
+            $conn = new AmqpRs\Connection(Broker::uri());
             foreach ($this->queues as $queue) {
                 $conn->deleteQueue($queue);
             }
@@ -82,7 +82,7 @@ final class PersistentTest extends TestCase
 
     private function pool(int $workers = 1): Fpm
     {
-        $this->fpm = new Fpm($this->docroot, $workers, ['extension=' . Broker::extensionPath()], ['AMQP_URI' => Broker::URI]);
+        $this->fpm = new Fpm($this->docroot, $workers, ['extension=' . Broker::extensionPath()], ['AMQP_URI' => Broker::uri()]);
         $this->fpm->start();
         return $this->fpm;
     }
@@ -97,7 +97,7 @@ final class PersistentTest extends TestCase
     private function queue(string $what): string
     {
         $queue = Broker::unique($what);
-        $conn = new AmqpRs\Connection(Broker::URI);
+        $conn = new AmqpRs\Connection(Broker::uri());
         $conn->declareQueue($queue);
         $conn->close();
         $this->queues[] = $queue;
@@ -135,10 +135,10 @@ final class PersistentTest extends TestCase
         $fpm = $this->pool(1);
         [$worker] = $fpm->workerPids();
         $this->request('publish.php', ['queue' => $queue, 'body' => 'first']);
-        $first = Fpm::tcpConnections($worker, 5672);
+        $first = Fpm::tcpConnections($worker, Broker::port());
         $this->assertCount(1, $first, 'the worker keeps its connection after the request');
         $this->request('publish.php', ['queue' => $queue, 'body' => 'second']);
-        $this->assertSame($first, Fpm::tcpConnections($worker, 5672), 'the second request used the same socket');
+        $this->assertSame($first, Fpm::tcpConnections($worker, Broker::port()), 'the second request used the same socket');
         $this->assertSame(["amqp_rs.test.persistent (pid $worker)"], self::brokerConnections('amqp_rs.test.persistent'));
         $this->assertSame(2, Broker::countWithAmqplib($queue));
     }
@@ -167,15 +167,15 @@ final class PersistentTest extends TestCase
         // Without recovery, only the check before use can save the next request.
         $query = ['queue' => $queue, 'name' => 'amqp_rs.test.closed', 'options' => json_encode(['reconnect' => false])];
         $this->request('publish.php', $query);
-        [$before] = Fpm::tcpConnections($worker, 5672);
+        [$before] = Fpm::tcpConnections($worker, Broker::port());
         foreach (explode("\n", Broker::ctl('list_connections', 'pid', 'client_properties', '-q', '--no-table-headers')) as $line) {
             if (str_contains($line, "amqp_rs.test.closed (pid $worker)")) {
                 Broker::ctl('close_connection', strtok($line, "\t"), 'test: idle connection cut');
             }
         }
-        $this->eventually(fn () => Fpm::tcpConnections($worker, 5672) === [], 'the broker closed the connection');
+        $this->eventually(fn () => Fpm::tcpConnections($worker, Broker::port()) === [], 'the broker closed the connection');
         $this->assertStringStartsWith('ok', $this->request('publish.php', $query));
-        $after = Fpm::tcpConnections($worker, 5672);
+        $after = Fpm::tcpConnections($worker, Broker::port());
         $this->assertCount(1, $after);
         $this->assertNotSame([$before], $after, 'a new connection');
         $this->assertSame(2, Broker::countWithAmqplib($queue));
@@ -203,7 +203,7 @@ final class PersistentTest extends TestCase
     {
         $queue = $this->queue('persistent-unconfirmed');
         $full = Broker::unique('persistent-full');
-        $conn = new AmqpRs\Connection(Broker::URI);
+        $conn = new AmqpRs\Connection(Broker::uri());
         $conn->declareQueue($full, ['arguments' => ['x-max-length' => 1, 'x-overflow' => 'reject-publish']]);
         $this->queues[] = $full;
         $this->pool(1);
@@ -228,13 +228,13 @@ final class PersistentTest extends TestCase
         $this->assertStringStartsWith('got m0', $this->request('consume_one.php', ['queue' => $queue]));
         // The other four were prefetched and the first was never settled: all five are back.
         $this->eventually(fn () => Broker::countWithAmqplib($queue) === 5, 'the deliveries went back to the queue');
-        $conn = new AmqpRs\Connection(Broker::URI);
+        $conn = new AmqpRs\Connection(Broker::uri());
         $this->assertSame(0, $conn->queueStatus($queue)['consumers'], 'the consumer was cancelled');
         $conn->close();
         // The next request gets them again, on the same connection.
         [$worker] = $fpm->workerPids();
         $this->assertStringStartsWith('got m0', $this->request('consume_one.php', ['queue' => $queue]));
-        $this->assertCount(1, Fpm::tcpConnections($worker, 5672));
+        $this->assertCount(1, Fpm::tcpConnections($worker, Broker::port()));
     }
 
     public function testExclusiveQueuesOfARequestDoNotPileUpOnThePooledConnection(): void
@@ -254,13 +254,13 @@ final class PersistentTest extends TestCase
         $queue = $this->queue('persistent-fork');
         $name = 'amqp_rs.test.fork.' . getmypid();
         $options = ['persistent' => true, 'name' => $name];
-        $parent = new AmqpRs\Connection(Broker::URI, $options);
+        $parent = new AmqpRs\Connection(Broker::uri(), $options);
         $parent->producer()->publish('parent', $queue);
         $pid = pcntl_fork();
         if ($pid === 0) {
             $code = 1;
             try {
-                $child = new AmqpRs\Connection(Broker::URI, $options);
+                $child = new AmqpRs\Connection(Broker::uri(), $options);
                 $producer = $child->producer();
                 $producer->publish('child', $queue);
                 $producer->waitForConfirms(5.0);
@@ -273,7 +273,7 @@ final class PersistentTest extends TestCase
         pcntl_waitpid($pid, $status);
         $this->assertSame(2, Broker::countWithAmqplib($queue), 'the child published on a connection of its own');
         unset($parent);
-        $again = new AmqpRs\Connection(Broker::URI, $options);
+        $again = new AmqpRs\Connection(Broker::uri(), $options);
         $this->assertTrue($again->isConnected(), "the parent's pooled connection survived the child");
         $producer = $again->producer();
         $producer->publish('parent again', $queue);
@@ -287,8 +287,8 @@ final class PersistentTest extends TestCase
     public function testTwoPersistentConnectionsWithTheSameKeyInOneRequestShareTheBrokerConnection(): void
     {
         $name = 'amqp_rs.test.twice.' . getmypid();
-        $a = new AmqpRs\Connection(Broker::URI, ['persistent' => true, 'name' => $name]);
-        $b = new AmqpRs\Connection(Broker::URI, ['persistent' => true, 'name' => $name]);
+        $a = new AmqpRs\Connection(Broker::uri(), ['persistent' => true, 'name' => $name]);
+        $b = new AmqpRs\Connection(Broker::uri(), ['persistent' => true, 'name' => $name]);
         $this->assertTrue($a->isPersistent());
         $this->assertSame(1, count(self::brokerConnections($name)));
         $a->close();
@@ -303,23 +303,24 @@ final class PersistentTest extends TestCase
         // As for every option: a TypeError naming it, as PHP gives for a mistyped argument.
         $this->expectException(TypeError::class);
         $this->expectExceptionMessage("Connection options: option 'persistent' must be of type bool, string given");
-        new AmqpRs\Connection(Broker::URI, ['persistent' => 'yes']);
+        new AmqpRs\Connection(Broker::uri(), ['persistent' => 'yes']);
     }
 
     public function testThePoolIsListedByPhpinfoWithoutThePassword(): void
     {
-        $conn = new AmqpRs\Connection(Broker::URI, ['persistent' => true, 'name' => 'amqp_rs.test.info']);
+        $conn = new AmqpRs\Connection(Broker::uri(), ['persistent' => true, 'name' => 'amqp_rs.test.info']);
         ob_start();
         phpinfo(INFO_MODULES);
         $info = ob_get_clean();
-        $this->assertMatchesRegularExpression('#persistent \#\d+ => amqp://guest@127\.0\.0\.1:5672/%2F \(connected\), open \d+ s, \d+ idle channels, \d+ requests served#', $info);
+        $endpoint = preg_quote('amqp://' . Broker::user() . '@' . Broker::endpoint() . '/%2F', '#');
+        $this->assertMatchesRegularExpression("#persistent \\#\\d+ => $endpoint \\(connected\\), open \\d+ s, \\d+ idle channels, \\d+ requests served#", $info);
         $this->assertStringNotContainsString('guest:guest', $info);
         $conn->closePersistent();
     }
 
     public function testANonPersistentConnectionIsNotPooled(): void
     {
-        $conn = new AmqpRs\Connection(Broker::URI, ['name' => 'amqp_rs.test.transient.' . getmypid()]);
+        $conn = new AmqpRs\Connection(Broker::uri(), ['name' => 'amqp_rs.test.transient.' . getmypid()]);
         $this->assertFalse($conn->isPersistent());
         $conn->close();
         $this->eventually(fn () => self::brokerConnections('amqp_rs.test.transient.' . getmypid()) === [], 'closed for good');

@@ -34,7 +34,7 @@ APT=(apt-get -q -o Acquire::Check-Valid-Until=false)
 # Bump when the root's setup (not its package list) changes, to rebuild the root.
 ROOT_VERSION=1
 PACKAGES=(
-  php8.4-cli php8.4-dev php8.4-mbstring php8.4-xml php8.4-sqlite3 php8.4-amqp
+  php8.4-cli php8.4-dev php8.4-mbstring php8.4-xml php8.4-sqlite3 php8.4-amqp php8.4-fpm nginx
   libclang-dev clang gcc libc6-dev phpunit rabbitmq-server php-amqplib php-laravel-framework
   procps iproute2 util-linux openssl ca-certificates coreutils
 )

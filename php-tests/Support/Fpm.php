@@ -5,7 +5,7 @@ declare(strict_types=1);
 namespace AmqpRs\Tests\Support;
 
 /**
- * A php-fpm pool behind nginx, both of our own: Debian's php-fpm8.2 and nginx binaries, run
+ * A php-fpm pool behind nginx, both of our own: Debian's php-fpmX.Y (this PHP's) and nginx binaries, run
  * with configs written to a temp dir (pid files, logs, the FastCGI socket, nginx's temp paths),
  * listening on 127.0.0.1 at a free high port. /etc/php and the system nginx are never read or
  * touched: php-fpm runs with -n (no php.ini) and loads exactly the extensions it is given, and
@@ -20,7 +20,8 @@ namespace AmqpRs\Tests\Support;
  */
 final class Fpm
 {
-    public const FPM = '/usr/sbin/php-fpm8.2';
+    /** Debian's php-fpm of the PHP version running the tests (8.2 on the host, 8.4 in make matrix). */
+    public const FPM = '/usr/sbin/php-fpm' . PHP_MAJOR_VERSION . '.' . PHP_MINOR_VERSION;
     public const NGINX = '/usr/sbin/nginx';
 
     /** The temp dir with the configs, logs, socket and pid files. */
@@ -37,7 +38,7 @@ final class Fpm
     /** Why the pool cannot run here, or null. */
     public static function missing(): ?string
     {
-        foreach ([self::FPM => 'php8.2-fpm', self::NGINX => 'nginx'] as $bin => $package) {
+        foreach ([self::FPM => 'php' . PHP_MAJOR_VERSION . '.' . PHP_MINOR_VERSION . '-fpm', self::NGINX => 'nginx'] as $bin => $package) {
             if (!is_executable($bin)) {
                 return "$bin not found (Debian package $package, scripts/setup.sh installs it)";
             }
