@@ -8,7 +8,7 @@
 # apt cache and its PHP 8.4 build (target dir beside the root). On a new machine it is built from
 # scratch with debootstrap. The extension is built inside the root against PHP 8.4 with the
 # host's Rust toolchain (~/.cargo and ~/.rustup bind-mounted). The root's own RabbitMQ 4.3 node
-# runs as rabbit43@localhost on 127.0.0.1:5673 (dist port 25700) beside the host's broker, and
+# runs as rabbit43@localhost on 127.0.0.1:5673 (dist port 25680) beside the host's broker, and
 # the tests reach it through AMQP_RS_TEST_URI / AMQP_RS_TEST_NODE (php-tests/Support/Broker.php
 # and the cargo tests read them).
 #
@@ -25,7 +25,8 @@ ROOT=$DIR/sid
 TARGET=$DIR/sid-target
 NODE=rabbit43@localhost
 PORT=5673
-DIST_PORT=25700
+# Outside 25700-25999, where php-tests/Support/Node.php puts its nodes' dist ports.
+DIST_PORT=25680
 URI="amqp://guest:guest@127.0.0.1:$PORT/%2f"
 # Where the checkout and the target dir appear inside the root.
 IN_SRC=/work/amqp_rs
@@ -178,6 +179,7 @@ start_broker() {
   local data=/var/lib/rabbitmq/mnesia pidfile
   pidfile=$data/$NODE.pid
   answers "$PORT" && die "port $PORT is taken: another broker runs there"
+  answers "$DIST_PORT" && die "port $DIST_PORT (Erlang distribution) is taken"
   # A fresh node each run: no queue of an earlier run is left to meet.
   rm -rf --one-file-system "$ROOT$data"
   rm -f "$ROOT/var/log/rabbitmq/$NODE"*.log
