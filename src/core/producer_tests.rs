@@ -56,7 +56,7 @@ fn large_bodies_in_flight_stay_under_the_byte_bound() {
     let mut producer = producer.lock().expect("lock");
     let body = vec![7u8; 64 << 10];
     let mut most = 0;
-    for _ in 0..400 {
+    for _ in 0..1000 {
         producer
             .publish(message("", &queue, &body))
             .expect("publish");
@@ -72,7 +72,7 @@ fn large_bodies_in_flight_stay_under_the_byte_bound() {
         .is_empty());
     assert_eq!(producer.confirms.in_flight_bytes(), 0);
     drop(producer);
-    assert_eq!(conn.queue_status(&queue).expect("status").messages, 400);
+    assert_eq!(conn.queue_status(&queue).expect("status").messages, 1000);
     conn.delete_queue(&queue, false, false).expect("delete");
     assert!(
         most > crate::core::confirms::MAX_IN_FLIGHT_BYTES / 2,
