@@ -61,7 +61,8 @@ test-deb: broker deb
 matrix: deps broker
 	scripts/matrix.sh
 
-# MATRIX=0 skips the sid stack (a quicker local run); CI runs both stacks.
+# MATRIX=0 skips the sid stack (a quicker local run); CI runs both stacks. test-deb comes after
+# the matrix: it also packages and installs the matrix's PHP 8.4 build, this commit's then.
 MATRIX ?= 1
 test: deps broker
 	$(MAKE) build
@@ -70,7 +71,6 @@ test: deps broker
 	$(MAKE) test-php
 	@echo "host stack: $$(scripts/stack.sh)"
 	@if [ "$(MATRIX)" != 0 ]; then $(MAKE) matrix; fi
-	# after the matrix: test-deb also packages the matrix's PHP 8.4 build, of this commit then
 	$(MAKE) test-deb
 
 demo: deps broker

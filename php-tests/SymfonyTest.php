@@ -422,8 +422,8 @@ final class SymfonyTest extends TestCase
             'bad port' => ['amqp-rs://guest:s3cret@127.0.0.1:99999/%2f/q', 'port 99999'],
             'not a dsn' => ['amqp-rs://guest:s3cret@127.0.0.1:5672/%2f/q/extra', 'more than /vhost/queue'],
             'tls option on plain' => ['amqp-rs://guest:s3cret@127.0.0.1:5672/%2f/q?cacert=/tmp/ca.pem', 'use amqps-rs://'],
-            'wrong password' => ['amqp-rs://guest:s3cret@127.0.0.1:5672/%2f/q', '127.0.0.1'],
-            'missing vhost' => ['amqp-rs://guest:guest@127.0.0.1:5672/no-such-vhost/q', 'no-such-vhost'],
+            'wrong password' => ['amqp-rs://guest:s3cret@' . Broker::endpoint() . '/%2f/q', Broker::host()],
+            'missing vhost' => ['amqp-rs://' . Broker::user() . ':' . rawurlencode(Broker::password()) . '@' . Broker::endpoint() . '/no-such-vhost/q', 'no-such-vhost'],
         ];
     }
 

@@ -166,7 +166,7 @@ trait SymfonyWorkers
      */
     private static function brokerUri(): string
     {
-        return method_exists(Broker::class, 'uri') ? Broker::uri() : (string) constant(Broker::class . '::URI');
+        return Broker::uri();
     }
 
     /** An amqp-rs:// DSN for $queue on the test broker (its host:port, or $this->dsnHosts). */
