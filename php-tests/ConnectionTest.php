@@ -149,7 +149,7 @@ final class ConnectionTest extends TestCase
             echo $one, ' ', $threads();
             PHP;
         exec(sprintf('%s -n -d extension=%s -r %s %s 2>&1', PHP_BINARY, escapeshellarg(Broker::extensionPath()),
-            escapeshellarg($script), escapeshellarg(Broker::URI)), $out, $code);
+            escapeshellarg($script), escapeshellarg(Broker::uri())), $out, $code);
         $this->assertSame(0, $code, implode("\n", $out));
         // The PHP thread, the runtime's one worker (no blocking-pool thread for a lookup of an
         // IP address), and lapin's io-loop thread per connection.

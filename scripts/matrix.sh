@@ -40,6 +40,7 @@ PACKAGES=(
   procps iproute2 util-linux openssl ca-certificates coreutils
   php-symfony-messenger php-symfony-console php-symfony-framework-bundle php-symfony-yaml
   php-symfony-amqp-messenger php-symfony-doctrine-messenger php-doctrine-dbal php-doctrine-persistence
+  composer  # its Composer/InstalledVersions.php, which Symfony 6+'s FrameworkBundle asks
 )
 
 log() { printf 'matrix: %s\n' "$*"; }
