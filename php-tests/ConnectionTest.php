@@ -107,7 +107,7 @@ final class ConnectionTest extends TestCase
         // silently replaced, so it is refused with the option to use instead.
         foreach (['heartbeat=5' => "option 'heartbeat'", 'connection_timeout=500' => "option 'connect_timeout'"] as $query => $hint) {
             try {
-                new Connection(Broker::URI . '?' . $query);
+                new Connection(Broker::uri() . '?' . $query);
                 $this->fail("?$query was accepted");
             } catch (InvalidArgumentException $e) {
                 $this->assertStringContainsString($hint, $e->getMessage());

@@ -365,7 +365,7 @@ final class ConsumerTest extends TestCase
         $first = $this->conn->consumer($this->queue, ['prefetch' => 10]);
         $this->assertSame(2, $first->consume(fn () => null, ['max_messages' => 2]));
         // $first lives on, and had all 10 prefetched: another worker must get the other 8 now.
-        $other = new Connection(Broker::URI);
+        $other = new Connection(Broker::uri());
         $seen = [];
         $got = $other->consumer($this->queue)->consume(function (Message $m) use (&$seen) {
             $seen[] = $m->getBody();
@@ -388,7 +388,7 @@ final class ConsumerTest extends TestCase
         $consumer->cancel();
         Broker::eventually(fn () => Broker::countWithAmqplib($this->queue) === 4, 'the 4 unseen are ready again');
         $inHand->ack();
-        $other = new Connection(Broker::URI);
+        $other = new Connection(Broker::uri());
         $got = $other->consumer($this->queue)->consume(fn () => null, ['max_messages' => 4, 'max_time' => 10]);
         $this->assertSame(4, $got);
         $other->close();

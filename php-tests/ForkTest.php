@@ -196,7 +196,7 @@ final class ForkTest extends TestCase
      */
     public function testAForkWithUnwrittenSettlementsNeitherHangsTheChildNorLosesTheParentsAcks(): void
     {
-        $parent = new Connection(Broker::URI);
+        $parent = new Connection(Broker::uri());
         $q = $parent->declareQueue(Broker::unique('fork-acks'), ['auto_delete' => false]);
         Broker::publishWithAmqplib('', $q, 300);
         $consumer = $parent->consumer($q, ['prefetch' => 300]);
@@ -210,7 +210,7 @@ final class ForkTest extends TestCase
         $this->assertSame(300, $acked);
         $status = $this->inChild(function () use ($parent, $q): bool {
             $started = microtime(true);
-            $own = new Connection(Broker::URI);
+            $own = new Connection(Broker::uri());
             $own->queueStatus($q);
             $own->close();
             // The parent's connection is left alone: close() does nothing in the child.
@@ -222,7 +222,7 @@ final class ForkTest extends TestCase
         $parent->close();
         // Unacked messages would be back in the queue once the parent's connection is closed.
         $this->assertSame(0, Broker::countWithAmqplib($q));
-        $check = new Connection(Broker::URI);
+        $check = new Connection(Broker::uri());
         $check->deleteQueue($q);
         $check->close();
     }

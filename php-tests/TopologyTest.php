@@ -212,7 +212,7 @@ final class TopologyTest extends TestCase
         $other->close();
         Broker::eventually(function () use ($q) {
             try {
-                (new Connection(Broker::URI))->queueStatus($q);
+                (new Connection(Broker::uri()))->queueStatus($q);
                 return false;
             } catch (ChannelException $e) {
                 return $e->getCode() === 404;
