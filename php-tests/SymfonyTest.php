@@ -269,7 +269,10 @@ final class SymfonyTest extends TestCase
 
         $this->assertSame(0, $code, (string) @file_get_contents("$this->work/worker.err"));
         $this->assertSame(['m0', 'm1', 'm2', 'm3'], $done(), 'every message handled (the one in hand may run again)');
-        $this->assertLessThanOrEqual(5, count($this->times('done')));
+        // At least once: the connection is closed the moment the first message is logged done,
+        // so its ack may not have reached the broker yet, and the next one is in hand. Those two
+        // may run again; no other can.
+        $this->assertLessThanOrEqual(6, count($this->times('done')));
         $this->assertSame(['messages' => 0, 'consumers' => 0], $this->conn->queueStatus($this->queue));
     }
 
