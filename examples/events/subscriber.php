@@ -32,7 +32,11 @@ final class ProcessedIds
 {
     public function __construct(private string $dir)
     {
-        is_dir($dir) || mkdir($dir, 0777, true);
+        // Several subscribers may start at once: another one may make the directory between
+        // the check and the mkdir(), which then fails with a warning while the directory is there.
+        if (!is_dir($dir) && !@mkdir($dir, 0777, true) && !is_dir($dir)) {
+            throw new RuntimeException("cannot create the processed-ids directory $dir");
+        }
     }
 
     /** Runs $handler unless the event was handled already; true when it ran. */
