@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 use AmqpRs\ChannelException;
 use AmqpRs\Connection;
+use AmqpRs\Tests\Support\BackgroundWorker;
 use AmqpRs\Tests\Support\Broker;
 use AmqpRs\Tests\Support\Children;
 use AmqpRs\Tests\Support\LaravelApp;
@@ -20,6 +21,8 @@ require_once __DIR__ . '/Support/LaravelApp.php';
  */
 final class LaravelTest extends TestCase
 {
+    use BackgroundWorker;
+
     private static ?LaravelApp $app = null;
 
     private Connection $conn;
@@ -374,40 +377,7 @@ final class LaravelTest extends TestCase
 
     private function startWorker(string ...$options): int
     {
-        $this->proc = proc_open(
-            self::$app->artisan('queue:work', 'amqp-rs', ...$options),
-            [1 => ['file', "$this->work/worker.out", 'w'], 2 => ['file', "$this->work/worker.err", 'w']],
-            $pipes,
-            null,
-            $this->env()
-        );
-        $this->assertIsResource($this->proc);
-        return proc_get_status($this->proc)['pid'];
-    }
-
-    /** The exit code of the background worker, once it exits within $timeout seconds. */
-    private function waitForExit(float $timeout): int
-    {
-        $deadline = microtime(true) + $timeout;
-        while (microtime(true) < $deadline) {
-            $status = proc_get_status($this->proc);
-            if (!$status['running']) {
-                return $status['signaled'] ? 128 + $status['termsig'] : $status['exitcode'];
-            }
-            usleep(20_000);
-        }
-        $this->fail(sprintf("the worker still runs after %.1f s\n%s%s", $timeout, @file_get_contents("$this->work/worker.out"), @file_get_contents("$this->work/worker.err")));
-    }
-
-    private function waitFor(callable $condition, float $timeout, string $what): void
-    {
-        $deadline = microtime(true) + $timeout;
-        while (!$condition()) {
-            if (microtime(true) > $deadline) {
-                $this->fail("waited $timeout s for: $what\n" . @file_get_contents("$this->work/worker.out") . @file_get_contents("$this->work/worker.err"));
-            }
-            usleep(20_000);
-        }
+        return $this->startBackground(self::$app->artisan('queue:work', 'amqp-rs', ...$options));
     }
 
     /** @return array<int, float> from a Flaky log: attempt => time of its "$what" line */

@@ -11,6 +11,7 @@ if (!extension_loaded('amqp_rs')) {
 require_once '/usr/share/php/PhpAmqpLib/autoload.php';
 require_once __DIR__ . '/Support/Broker.php';
 require_once __DIR__ . '/Support/Children.php';
+require_once __DIR__ . '/Support/BackgroundWorker.php';
 
 // The examples and the Laravel app that tests start as child processes read AMQP_URI: point
 // them at the test broker (AMQP_RS_TEST_URI when set).

@@ -15,6 +15,8 @@ use AmqpRs\Connection;
  */
 trait SymfonyWorkers
 {
+    use BackgroundWorker;
+
     /** Hosts of the DSN, when not the test broker alone. */
     private ?string $dsnHosts = null;
     private ?int $retries = null;
@@ -46,39 +48,7 @@ trait SymfonyWorkers
     /** Starts `messenger:consume async` in the background; returns its pid. */
     private function startWorker(string ...$options): int
     {
-        $this->proc = proc_open(
-            self::$app->console('messenger:consume', 'async', ...$options),
-            [1 => ['file', "$this->work/worker.out", 'w'], 2 => ['file', "$this->work/worker.err", 'w']],
-            $pipes,
-            null,
-            $this->env()
-        );
-        $this->assertIsResource($this->proc);
-        return proc_get_status($this->proc)['pid'];
-    }
-
-    private function waitForExit(float $timeout): int
-    {
-        $deadline = microtime(true) + $timeout;
-        while (microtime(true) < $deadline) {
-            $status = proc_get_status($this->proc);
-            if (!$status['running']) {
-                return $status['signaled'] ? 128 + $status['termsig'] : $status['exitcode'];
-            }
-            usleep(20_000);
-        }
-        $this->fail(sprintf("the worker still runs after %.1f s\n%s%s", $timeout, @file_get_contents("$this->work/worker.out"), @file_get_contents("$this->work/worker.err")));
-    }
-
-    private function waitFor(callable $condition, float $timeout, string $what): void
-    {
-        $deadline = microtime(true) + $timeout;
-        while (!$condition()) {
-            if (microtime(true) > $deadline) {
-                $this->fail("waited $timeout s for: $what\n" . @file_get_contents("$this->work/worker.out") . @file_get_contents("$this->work/worker.err"));
-            }
-            usleep(20_000);
-        }
+        return $this->startBackground(self::$app->console('messenger:consume', 'async', ...$options));
     }
 
     /**
