@@ -207,7 +207,10 @@ final class LaravelApp
                     ? ['pending' => $queue->pendingSize(), 'delayed' => $queue->delayedSize(), 'reserved' => $queue->reservedSize(), 'oldest' => $queue->creationTimeOfOldestPendingJob()]
                     : [];
                 fwrite(STDOUT, json_encode(['seconds' => microtime(true) - $start, 'size' => $queue->size(),
-                    'persistent' => $queue->getConnection()->isPersistent()] + $sizes) . "\n");
+                    // Only the amqp-rs driver has an extension connection (benches/laravel.php
+                    // dispatches through the database driver too).
+                    'persistent' => $queue instanceof AmqpRs\Laravel\AmqpRsQueue ? $queue->getConnection()->isPersistent() : null,
+                ] + $sizes) . "\n");
                 PHP,
             // The web entry point (served by php-fpm in benches/web.php, W3), with one route:
             // GET /dispatch dispatches one Noop job and answers "ok".
