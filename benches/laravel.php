@@ -21,6 +21,7 @@
 declare(strict_types=1);
 
 require_once __DIR__ . '/../php-tests/Support/LaravelApp.php';
+require_once __DIR__ . '/process.php';
 
 use AmqpRs\Tests\Support\LaravelApp;
 
@@ -52,13 +53,6 @@ function childrenCpu(): float
 {
     $r = getrusage(1);   // RUSAGE_CHILDREN
     return $r['ru_utime.tv_sec'] + $r['ru_utime.tv_usec'] / 1e6 + $r['ru_stime.tv_sec'] + $r['ru_stime.tv_usec'] / 1e6;
-}
-
-function median(array $values): float
-{
-    sort($values);
-    $n = count($values);
-    return $n % 2 ? $values[intdiv($n, 2)] : ($values[$n / 2 - 1] + $values[$n / 2]) / 2;
 }
 
 $results = [];

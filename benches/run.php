@@ -65,6 +65,8 @@
 
 declare(strict_types=1);
 
+require_once __DIR__ . '/process.php';
+
 $opts = getopt('', ['count:', 'rounds:', 'only:', 'clients:', 'so:', 'lapin:', 'm1-count:', 'out:', 'l1:',
     'l1-jobs:', 'web-requests:', 's1:', 's1-messages:', 'report-only']);
 $root = dirname(__DIR__);
@@ -135,59 +137,18 @@ function run(array $cmd, float $timeout = 600): array
 }
 
 // A consumer that never gets its last message would block the whole run: give up on it after
-// $timeout, and say so, rather than hang. The child is reaped here with wait4() (pcntl_waitpid)
-// for its rusage: ru_maxrss is its peak RSS, exact, whatever the program (PHP or Rust).
+// $timeout, and say so, rather than hang (collect() in process.php).
 function finish(array $spawned, array $cmd, float $timeout): array
 {
     [$proc, $pipes, $pid] = $spawned;
-    $deadline = microtime(true) + $timeout;
-    $buf = [1 => '', 2 => ''];
-    $open = [1 => $pipes[1], 2 => $pipes[2]];
-    while ($open) {
-        $left = $deadline - microtime(true);
-        if ($left <= 0) {
-            proc_terminate($proc);
-            usleep(500_000);
-            proc_terminate($proc, 9);
-            proc_close($proc);
-            throw new RuntimeException(basename($cmd[0]) . ' ' . implode(' ', array_slice($cmd, -4)) . " timed out after {$timeout} s: $buf[1] $buf[2]");
-        }
-        $ready = array_values($open);
-        $none = null;
-        if (!stream_select($ready, $none, $none, (int) $left, 0)) {
-            continue;
-        }
-        foreach ($open as $i => $pipe) {
-            if (in_array($pipe, $ready, true)) {
-                $chunk = (string) fread($pipe, 65536);
-                $buf[$i] .= $chunk;
-                if ($chunk === '' && feof($pipe)) {
-                    unset($open[$i]);
-                }
-            }
-        }
-    }
-    $peak = null;
-    if (function_exists('pcntl_waitpid') && pcntl_waitpid($pid, $st, 0, $usage) === $pid) {
-        $code = pcntl_wifexited($st) ? pcntl_wexitstatus($st) : 128 + pcntl_wtermsig($st);
-        $peak = $usage['ru_maxrss'] ?? null;
-        proc_close($proc);
-    } else {
-        $code = proc_close($proc);
-    }
-    $result = json_decode(trim($buf[1]), true);
+    $what = basename($cmd[0]) . ' ' . implode(' ', array_slice($cmd, -4));
+    [$code, $out, $err, , $peak] = collect($proc, $pipes, $pid, $what, $timeout);
+    $result = json_decode(trim($out), true);
     if ($code !== 0 || !is_array($result)) {
         throw new RuntimeException(implode(' ', array_map(fn ($a) => strlen($a) > 60 ? basename($a) : $a, $cmd))
-            . " failed ($code): " . trim("$buf[1] $buf[2]"));
+            . " failed ($code): " . trim("$out $err"));
     }
     return $result + ['_peak_rss_kb' => $peak];
-}
-
-function median(array $xs): float
-{
-    sort($xs);
-    $n = count($xs);
-    return $n % 2 ? $xs[intdiv($n, 2)] : ($xs[$n / 2 - 1] + $xs[$n / 2]) / 2;
 }
 
 /** ['median' => , 'min' => , 'max' => ] of the non-null values, or null if none. */

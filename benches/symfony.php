@@ -24,6 +24,7 @@
 declare(strict_types=1);
 
 require_once __DIR__ . '/../php-tests/Support/SymfonyApp.php';
+require_once __DIR__ . '/process.php';
 
 use AmqpRs\Tests\Support\SymfonyApp;
 
@@ -56,48 +57,13 @@ if (!SymfonyApp::hasDoctrine()) {
     unset($transports['doctrine (sqlite)']);
 }
 
-function median(array $values): float
-{
-    sort($values);
-    $n = count($values);
-    return $n % 2 ? $values[intdiv($n, 2)] : ($values[$n / 2 - 1] + $values[$n / 2]) / 2;
-}
-
 /** Runs $cmd to its end; returns [exit code, stdout, stderr, seconds, CPU s, peak RSS KiB]. */
 function measure(array $cmd, array $env, float $timeout = 600): array
 {
     $start = microtime(true);
     $proc = proc_open($cmd, [1 => ['pipe', 'w'], 2 => ['pipe', 'w']], $pipes, null, $env + getenv());
-    $pid = proc_get_status($proc)['pid'];
-    $buf = [1 => '', 2 => ''];
-    $open = [1 => $pipes[1], 2 => $pipes[2]];
-    while ($open) {
-        if (microtime(true) - $start > $timeout) {
-            posix_kill($pid, SIGKILL);
-            throw new RuntimeException(implode(' ', $cmd) . " timed out: $buf[1] $buf[2]");
-        }
-        $ready = array_values($open);
-        $none = null;
-        if (!stream_select($ready, $none, $none, 1, 0)) {
-            continue;
-        }
-        foreach ($open as $i => $pipe) {
-            if (in_array($pipe, $ready, true)) {
-                $chunk = (string) fread($pipe, 65536);
-                $buf[$i] .= $chunk;
-                if ($chunk === '' && feof($pipe)) {
-                    unset($open[$i]);
-                }
-            }
-        }
-    }
-    // Reaped here with wait4() for its own rusage (proc_close would lose it).
-    pcntl_waitpid($pid, $status, 0, $usage);
-    $seconds = microtime(true) - $start;
-    proc_close($proc);
-    $code = pcntl_wifexited($status) ? pcntl_wexitstatus($status) : 128 + pcntl_wtermsig($status);
-    $cpu = $usage['ru_utime.tv_sec'] + $usage['ru_utime.tv_usec'] / 1e6 + $usage['ru_stime.tv_sec'] + $usage['ru_stime.tv_usec'] / 1e6;
-    return [$code, $buf[1], $buf[2], $seconds, $cpu, $usage['ru_maxrss'] ?? 0];
+    [$code, $out, $err, $cpu, $rss] = collect($proc, $pipes, proc_get_status($proc)['pid'], implode(' ', $cmd), $timeout);
+    return [$code, $out, $err, microtime(true) - $start, $cpu, $rss ?? 0];
 }
 
 /** Ready messages left in the AMQP queue (then deleted, with its exchange) or the Doctrine table. */
