@@ -37,7 +37,7 @@ ROOT_VERSION=1
 PACKAGES=(
   php8.4-cli php8.4-dev php8.4-mbstring php8.4-xml php8.4-sqlite3 php8.4-amqp php8.4-fpm nginx
   libclang-dev clang gcc libc6-dev phpunit rabbitmq-server php-amqplib php-laravel-framework
-  procps iproute2 util-linux openssl ca-certificates coreutils
+  procps iproute2 util-linux openssl ca-certificates coreutils php-revolt-event-loop
   php-symfony-messenger php-symfony-console php-symfony-framework-bundle php-symfony-yaml
   php-symfony-amqp-messenger php-symfony-doctrine-messenger php-doctrine-dbal php-doctrine-persistence
   composer  # its Composer/InstalledVersions.php, which Symfony 6+'s FrameworkBundle asks

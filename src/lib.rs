@@ -29,7 +29,7 @@ mod php;
 
 #[cfg(not(test))]
 mod module {
-    use crate::php::{arginfo, connection, consumer, exceptions, message, producer};
+    use crate::php::{arginfo, connection, consumer, exceptions, message, producer, rpc_call};
     use ext_php_rs::prelude::*;
     use ext_php_rs::zend::ModuleEntry;
     use ext_php_rs::{info_table_end, info_table_row, info_table_start};
@@ -111,6 +111,7 @@ mod module {
             .name("amqp_rs")
             .startup_function(startup)
             .class::<producer::Producer>()
+            .class::<rpc_call::RpcCall>()
             .class::<message::Message>()
             .class::<consumer::Consumer>()
             .class::<connection::Connection>()

@@ -172,6 +172,35 @@ final class Connection
     public function rpc(string $body, string $routingKey = '', string $exchange = '', array $properties = [], float $timeout = 30.0): Message {}
 
     /**
+     * Publishes a request as rpc() does and returns at once, without waiting for the reply:
+     * take it from the RpcCall (poll() when readiness() is readable, or wait()). Many calls
+     * may be in flight on one connection. $timeout still bounds each call: once it passes,
+     * the stream turns readable and poll() throws TimeoutException.
+     *
+     * @throws \InvalidArgumentException when $properties sets reply_to, or an empty correlation_id
+     * @throws ConnectionException when the connection is closed, lost, or inherited through fork()
+     */
+    public function rpcAsync(string $body, string $routingKey = '', string $exchange = '', array $properties = [], float $timeout = 30.0): RpcCall {}
+
+    /**
+     * The connection's readiness stream, for event loops (stream_select, Revolt's onReadable,
+     * Swoole\Event::add, ReactPHP's addReadStream). It is readable while some consumer,
+     * producer or RPC call of this connection may have something to take, and turns
+     * unreadable once a take on each of them came back empty:
+     * Consumer::next(0.0) returned null, Producer::pollConfirms() returned 0 (or the
+     * remaining ones are still unconfirmed), RpcCall::poll() returned null.
+     *
+     * An object joins the stream with its first take that does not wait (an rpcAsync() call
+     * at once); a blocking call on it leaves the stream until its next take that does not
+     * wait. Never read from or write to the stream. After close() it stays readable: every
+     * take then throws ConnectionException. See docs/event-loops.md.
+     *
+     * @return resource a read-only stream; fclose() it when done (the connection keeps its own)
+     * @throws ConnectionException when the connection is closed, lost, or inherited through fork()
+     */
+    public function readiness(): mixed {}
+
+    /**
      * @return array{messages: int, consumers: int}
      * @throws ChannelException 404 when the queue does not exist
      */
@@ -220,6 +249,17 @@ final class Producer
      * @throws TimeoutException when confirms are still missing after $timeout seconds
      */
     public function waitForConfirms(float $timeout = 30.0): void {}
+
+    /**
+     * Settles what the broker has confirmed so far, without waiting, and returns how many
+     * publishes are still unconfirmed. Until that is 0, the connection's readiness() stream
+     * turns readable once they all are settled (or a nacked message is due for its republish).
+     *
+     * @throws PublishException listing the nacked and returned messages settled since the last call
+     * @throws ChannelException when the broker closed the channel (e.g. 404, missing exchange)
+     * @throws ConnectionException when the connection is closed, lost, or inherited through fork()
+     */
+    public function pollConfirms(): int {}
 
     /** Publishes the broker has not confirmed yet. */
     public function pendingConfirms(): int {}
@@ -272,6 +312,9 @@ final class Consumer
      * SIGKILL right after may lose it, and the message is delivered again). Messages left
      * unsettled go back to the queue when the consumer or its connection closes. A SIGTERM or SIGINT that your script
      * handles (pcntl_signal) ends the wait at once: null is returned and your handler runs.
+     *
+     * next(0.0) never waits, and joins the consumer to the connection's readiness() stream:
+     * take until it returns null, and the stream tells you when more has come.
      */
     public function next(float $timeout = 0.0): ?Message {}
 
@@ -284,6 +327,40 @@ final class Consumer
      * when the callback returns.
      */
     public function cancel(): void {}
+}
+
+/**
+ * An RPC call in flight, made by Connection::rpcAsync(). Its reply is taken once, by poll()
+ * or wait(); taking it again throws.
+ */
+final class RpcCall
+{
+    private function __construct() {}
+
+    /**
+     * The reply if it has come, else null, without waiting.
+     *
+     * @throws TimeoutException once the call's timeout has passed without a reply
+     * @throws PublishException when no queue took the request (returned, 312 NO_ROUTE)
+     * @throws ConnectionException when the connection was lost during the call
+     * @throws Exception when the reply (or the error that ended the call) was already taken
+     */
+    public function poll(): ?Message {}
+
+    /**
+     * Waits for the reply, up to what is left of the call's timeout; blocks the thread.
+     *
+     * @throws TimeoutException when no reply comes within the call's timeout
+     * @throws PublishException when no queue took the request (returned, 312 NO_ROUTE)
+     * @throws Exception when the reply (or the error that ended the call) was already taken
+     */
+    public function wait(): Message {}
+
+    /** The correlation_id the reply carries: yours, or the one made for the call. */
+    public function getCorrelationId(): string {}
+
+    /** Whether the reply, or the error that ended the call, was handed out. */
+    public function isDone(): bool {}
 }
 
 /** A delivered message. Settle it once: ack(), nack() or reject(); a second time raises. */

@@ -217,19 +217,20 @@ impl Confirms {
 
     /// Settles every in-flight publish that has resolved, oldest first, without blocking.
     pub(crate) fn reap(&mut self, link: &Link) {
+        let _ = self.poll_settled(&mut Context::from_waker(Waker::noop()), link);
+    }
+
+    /// Settles what resolved, without blocking; Ready once nothing is in flight, else `cx`
+    /// is woken when the last publish resolves (see `settle_front`).
+    pub(crate) fn poll_settled(&mut self, cx: &mut Context<'_>, link: &Link) -> Poll<()> {
         let mut done = Vec::new();
         let mut settled = 0;
-        let _ = settle_front(
-            &mut self.in_flight,
-            0,
-            &mut Context::from_waker(Waker::noop()),
-            &mut done,
-            &mut settled,
-        );
+        let polled = settle_front(&mut self.in_flight, 0, cx, &mut done, &mut settled);
         self.in_flight_bytes -= settled;
         for publish in done {
             self.settle(publish, link);
         }
+        polled
     }
 
     fn settle(&mut self, publish: InFlight, link: &Link) {

@@ -7,7 +7,7 @@ use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::link::{Confirming, Link, CLOSE_TIMEOUT, COMMAND_TIMEOUT};
 use crate::core::pool;
 use crate::core::producer::{Outgoing, Producer, ProducerOptions};
-use crate::core::rpc::RpcClient;
+use crate::core::rpc::{RpcCall, RpcClient};
 use crate::core::runtime;
 use crate::core::settlements::Settlement;
 use crate::core::shortstr::shortstr;
@@ -201,6 +201,24 @@ impl Connection {
             _ => self.set_rpc_client(RpcClient::open(&link)?),
         };
         client.call(&link, request, timeout)
+    }
+
+    /// Sends `request` and returns at once; the reply is taken from the call, which raises
+    /// the connection's readiness fd when it is there (or the call failed or timed out).
+    pub fn rpc_start(&mut self, request: Outgoing, timeout: Duration) -> Result<RpcCall> {
+        self.ensure_usable("RPC")?;
+        let link = self.link_arc();
+        let client = match self.rpc_client() {
+            Some(client) if client.usable(&link) => client,
+            _ => self.set_rpc_client(RpcClient::open(&link)?),
+        };
+        client.start(link, request, timeout)
+    }
+
+    /// The connection's readiness fd, duplicated for the caller to own (see `readiness.rs`).
+    pub fn readiness_fd(&self) -> Result<std::os::fd::RawFd> {
+        self.ensure_usable("watch the connection")?;
+        self.link.readiness("watch the connection")?.dup_fd()
     }
 
     /// Waits (bounded) for the confirms of every producer made from this connection, then

@@ -8,6 +8,7 @@ use crate::core::ack_batch::AckBatch;
 use crate::core::delivery::Delivery;
 use crate::core::error::{self, Error, ErrorKind, Result};
 use crate::core::link::{Link, COMMAND_TIMEOUT};
+use crate::core::readiness::{AfterReady, Source};
 use crate::core::runtime;
 use crate::core::settlements::Settlement;
 use crate::core::shortstr::shortstr;
@@ -96,6 +97,8 @@ pub struct Consumer {
     state: State,
     /// Held acks of the channel's deliveries (None with auto_ack).
     batch: Option<Arc<AckBatch>>,
+    /// Its share of the connection's readiness fd, from the first non-blocking take.
+    source: Option<Source>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -157,6 +160,7 @@ impl Consumer {
                 arguments,
             },
             state: State::Subscribed,
+            source: None,
         };
         if !options.auto_ack {
             let context = format!("set prefetch {} on {endpoint}", options.prefetch);
@@ -247,14 +251,29 @@ impl Consumer {
             State::Subscribed => self.link.ensure_usable("consume")?,
         }
         let start = self.next_stream;
-        let mut ready = Some(poll_streams(
-            &mut self.streams,
-            start,
-            &mut Context::from_waker(Waker::noop()),
-        ));
+        let mut ready = Some(if limit.is_zero() {
+            // A non-blocking take: lapin raises the readiness fd when the next one arrives.
+            if self.source.is_none() {
+                self.source = Some(self.link.readiness("consume")?.source());
+            }
+            let streams = &mut *self.streams;
+            let source = self.source.as_ref();
+            source.map_or(Poll::Pending, |source| {
+                source.take(AfterReady::More, |cx| poll_streams(streams, start, cx))
+            })
+        } else {
+            poll_streams(
+                &mut self.streams,
+                start,
+                &mut Context::from_waker(Waker::noop()),
+            )
+        });
         if ready.as_ref().is_some_and(Poll::is_pending) {
             // The burst is over: send what is held before waiting for more.
             self.flush_acks()?;
+            if limit.is_zero() {
+                return Ok(None);
+            }
         }
         let streams = &mut *self.streams;
         let polled = runtime::park_on(
@@ -390,6 +409,8 @@ impl Consumer {
             self.unsubscribe()?;
         }
         self.state = State::Cancelled;
+        // Nothing will arrive: it must not keep the readiness fd readable.
+        self.source = None;
         Ok(())
     }
 

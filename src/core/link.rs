@@ -8,6 +8,7 @@ use crate::core::connect_options::{tls_config, ConnectOptions};
 use crate::core::error::{Error, Failure, Result};
 use crate::core::idle_channels::IdleChannels;
 use crate::core::poison::PoisonLog;
+use crate::core::readiness::Readiness;
 use crate::core::recovery::{Attempts, RECOVERY_ATTEMPTS, RECOVERY_WAIT};
 use crate::core::runtime;
 use crate::core::settlements::Unwritten;
@@ -19,7 +20,7 @@ use lapin::Channel;
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// How long a single broker command (declare, bind, delete...) may take before the caller
@@ -74,6 +75,8 @@ pub(crate) struct Link {
     persistent: bool,
     /// Settlements handed to lapin and maybe not written yet (tagged with `generation`).
     settlements: Arc<Unwritten>,
+    /// The eventfd event loops watch (see `readiness.rs`), made by the first non-blocking take.
+    readiness: OnceLock<Arc<Readiness>>,
 }
 
 impl Link {
@@ -133,6 +136,7 @@ impl Link {
                         idle: ManuallyDrop::new(IdleChannels::default()),
                         persistent: options.persistent,
                         settlements: Arc::new(Unwritten::new(generation)),
+                        readiness: OnceLock::new(),
                     }));
                 }
                 Err(e) => failures.push(e),
@@ -363,6 +367,17 @@ impl Link {
         &self.settlements
     }
 
+    /// The connection's readiness signal, made on first use: `what` names the caller's purpose
+    /// in the error a closed, lost or inherited connection gives.
+    pub(crate) fn readiness(&self, what: &str) -> Result<Arc<Readiness>> {
+        self.ensure_usable(what)?;
+        if let Some(readiness) = self.readiness.get() {
+            return Ok(readiness.clone());
+        }
+        let made = Readiness::new()?;
+        Ok(self.readiness.get_or_init(|| made).clone())
+    }
+
     /// Whether the broker has blocked this connection (connection.blocked, a resource alarm).
     pub(crate) fn blocked(&self) -> bool {
         self.inner.status().blocked()
@@ -424,6 +439,9 @@ impl Link {
     pub(crate) fn close_within(&self, limit: Duration) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        if let Some(readiness) = self.readiness.get() {
+            readiness.close();
         }
         if !self.is_own() {
             return Ok(());

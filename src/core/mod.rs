@@ -16,6 +16,7 @@ pub mod link;
 pub mod poison;
 pub mod pool;
 pub mod producer;
+pub mod readiness;
 pub mod recovery;
 pub mod resolve;
 pub mod retry;

@@ -13,6 +13,7 @@ use crate::core::error::{Error, Failure, Result};
 use crate::core::frame_size::content_header_size;
 use crate::core::ids;
 use crate::core::link::{Confirming, Link, COMMAND_TIMEOUT};
+use crate::core::readiness::{AfterReady, Source};
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
@@ -78,6 +79,8 @@ pub struct Producer {
     confirms: Confirms,
     /// Queues this producer declared (delay and dead-letter queues), and when.
     declared: HashMap<String, Instant>,
+    /// Its share of the connection's readiness fd, from the first `poll_confirms()`.
+    source: Option<Source>,
 }
 
 impl Producer {
@@ -88,6 +91,7 @@ impl Producer {
             options,
             confirms: Confirms::new(options.nack_retries),
             declared: HashMap::new(),
+            source: None,
         };
         producer.channel()?;
         Ok(producer)
@@ -338,6 +342,28 @@ impl Producer {
             return Err(err);
         }
         Ok(self.confirms.take_failures())
+    }
+
+    /// Settles what the broker confirmed so far, without waiting: the failures since the last
+    /// call and how many publishes are still unconfirmed. Until none is, the connection's
+    /// readiness fd is raised when they all are, or when a nacked message's republish is due.
+    pub fn poll_confirms(&mut self) -> Result<(Vec<Failure>, usize)> {
+        if self.source.is_none() {
+            let readiness = self.link.readiness("take publisher confirms")?;
+            self.source = Some(readiness.source());
+        }
+        self.resend_due()?;
+        if let Some(source) = &self.source {
+            let (confirms, link) = (&mut self.confirms, &self.link);
+            let _ = source.take(AfterReady::Done, |cx| confirms.poll_settled(cx, link));
+            if let Some(due) = self.confirms.next_due() {
+                source.raise_at(due)?;
+            }
+        }
+        if let Some(err) = self.confirms.take_channel_error() {
+            return Err(err);
+        }
+        Ok((self.confirms.take_failures(), self.confirms.pending()))
     }
 
     /// Whether failures or unconfirmed publishes are waiting to be reported.

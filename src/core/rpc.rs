@@ -5,6 +5,7 @@ use crate::core::error::{self, Error, ErrorKind, Failure, Result};
 use crate::core::ids;
 use crate::core::link::{Link, COMMAND_TIMEOUT};
 use crate::core::producer::Outgoing;
+use crate::core::readiness::{AfterReady, Source};
 use crate::core::runtime;
 use crate::core::shortstr::shortstr;
 use futures_core::Stream;
@@ -13,10 +14,13 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::task::AbortHandle;
 
 /// How long a call waits for its reply before it also watches its confirm (see `call`).
 const QUIET: Duration = Duration::from_millis(5);
@@ -28,10 +32,28 @@ pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// requests are published on (direct reply-to needs both on the same channel).
 pub(crate) struct RpcClient {
     channel: Channel,
-    replies: lapin::Consumer,
+    /// Shared with the calls made by `start()`, which take their replies from it.
+    replies: Arc<Mutex<Replies>>,
     /// Random, so correlation ids never collide with another client's.
     prefix: String,
     sequence: u64,
+}
+
+/// The reply consumer, and the replies it brought for calls that were not polling then.
+pub(crate) struct Replies {
+    stream: lapin::Consumer,
+    /// Calls made by `start()` that await their reply, by correlation id.
+    calls: HashMap<ShortString, Slot>,
+    /// Raised when a reply arrives while a started call awaits one: lapin keeps one waker
+    /// per consumer, so the calls share this one and each is raised by the routing.
+    source: Option<Source>,
+}
+
+/// A started call's place: its reply (or the error that ended it) once routed, and the waker
+/// that tells it.
+struct Slot {
+    outcome: Option<Result<Delivery>>,
+    waker: Waker,
 }
 
 fn failure(request: &Outgoing, reply_code: u16, reason: String) -> Failure {
@@ -65,10 +87,25 @@ impl RpcClient {
         )?;
         Ok(Self {
             channel,
-            replies,
+            replies: Arc::new(Mutex::new(Replies {
+                stream: replies,
+                calls: HashMap::new(),
+                source: None,
+            })),
             prefix: ids::random_name()?,
             sequence: 0,
         })
+    }
+
+    /// The correlation id of the next call: the caller's, or a fresh one.
+    fn correlation_id(&mut self, request: &Outgoing) -> ShortString {
+        match request.properties.correlation_id() {
+            Some(id) => id.clone(),
+            None => {
+                self.sequence += 1;
+                ShortString::from(format!("{}.{}", self.prefix, self.sequence))
+            }
+        }
     }
 
     /// Whether the channel can still serve (lapin recovers it with the connection).
@@ -91,34 +128,11 @@ impl RpcClient {
             request.routing_key,
             link.endpoint()
         );
-        let exchange = shortstr(&request.exchange, "exchange name")?;
-        let routing_key = shortstr(&request.routing_key, "routing key")?;
-        let correlation_id = match request.properties.correlation_id() {
-            Some(id) => id.clone(),
-            None => {
-                self.sequence += 1;
-                ShortString::from(format!("{}.{}", self.prefix, self.sequence))
-            }
-        };
-        let properties: BasicProperties = request
-            .properties
-            .clone()
-            .with_reply_to(REPLY_TO.into())
-            .with_correlation_id(correlation_id.clone());
-        let channel = self.channel.clone();
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        let body = request.body.as_slice();
-        let mut confirm = Box::pin(async move {
-            channel
-                .basic_publish(exchange, routing_key, options, body, properties)
-                .await?
-                .await
-        });
+        let correlation_id = self.correlation_id(&request);
+        let mut confirm = self.send(&request, &correlation_id)?;
         let mut confirmed = false;
-        let replies = &mut self.replies;
+        let shared = self.replies.clone();
+        let mut replies = shared.lock().unwrap_or_else(|p| p.into_inner());
         let watch_confirm = Cell::new(false);
         let mut poll = |cx: &mut Context<'_>| {
             if !confirmed {
@@ -137,7 +151,7 @@ impl RpcClient {
                     Poll::Pending => {}
                 }
             }
-            poll_reply(replies, &correlation_id, &what, cx)
+            replies.pump(Some(&correlation_id), &what, cx)
         };
         let outcome =
             match runtime::park_on(std::future::poll_fn(&mut poll), QUIET.min(timeout), &what) {
@@ -147,14 +161,370 @@ impl RpcClient {
                 }
                 other => other,
             };
+        // Polled with this thread's waker, the consumer no longer raises the started calls.
+        replies.arm(&what);
         match outcome {
             Ok(result) => result,
-            Err(err) if err.kind() == ErrorKind::Timeout => Err(Error::timeout(format!(
-                "{what}: no reply with correlation_id '{}' within {:.1} s",
-                correlation_id.as_str(),
-                timeout.as_secs_f64()
-            ))),
+            Err(err) if err.kind() == ErrorKind::Timeout => {
+                Err(no_reply(&what, &correlation_id, timeout))
+            }
             Err(err) => Err(err),
+        }
+    }
+
+    /// Publishes `request` with `reply_to` and `correlation_id`; the future of its confirm,
+    /// polled once (which hands the frames to lapin).
+    fn send(&self, request: &Outgoing, correlation_id: &ShortString) -> Result<PublishFuture> {
+        let exchange = shortstr(&request.exchange, "exchange name")?;
+        let routing_key = shortstr(&request.routing_key, "routing key")?;
+        let properties: BasicProperties = request
+            .properties
+            .clone()
+            .with_reply_to(REPLY_TO.into())
+            .with_correlation_id(correlation_id.clone());
+        let channel = self.channel.clone();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let body = request.body.clone();
+        let mut confirm: PublishFuture = Box::pin(async move {
+            channel
+                .basic_publish(exchange, routing_key, options, &body, properties)
+                .await?
+                .await
+        });
+        if let Poll::Ready(Err(e)) = confirm
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            return Err(Error::from_lapin(&e, "publish the RPC request"));
+        }
+        Ok(confirm)
+    }
+
+    /// Sends `request` and returns at once: the call's reply is taken from the `RpcCall`,
+    /// which raises the connection's readiness fd when the reply (or its failure) is there.
+    pub(crate) fn start(
+        &mut self,
+        link: Arc<Link>,
+        request: Outgoing,
+        timeout: Duration,
+    ) -> Result<RpcCall> {
+        let what = format!(
+            "RPC to exchange '{}' with routing key '{}' on {}",
+            request.exchange,
+            request.routing_key,
+            link.endpoint()
+        );
+        let readiness = link.readiness(&what)?;
+        let correlation_id = self.correlation_id(&request);
+        let source = readiness.source();
+        {
+            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            if replies.source.is_none() {
+                replies.source = Some(readiness.source());
+            }
+            let slot = Slot {
+                outcome: None,
+                waker: source.waker(),
+            };
+            replies.calls.insert(correlation_id.clone(), slot);
+        }
+        let confirm = match self.send(&request, &correlation_id) {
+            Ok(confirm) => confirm,
+            Err(err) => {
+                let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+                replies.calls.remove(&correlation_id);
+                return Err(Error::new(err.kind(), format!("{what}: {}", err.message())));
+            }
+        };
+        let deadline = Instant::now() + timeout;
+        let timer = source.raise_at(deadline)?;
+        let mut named = BasicProperties::default();
+        if let Some(id) = request.properties.message_id().clone() {
+            named = named.with_message_id(id);
+        }
+        let mut call = RpcCall {
+            link,
+            replies: self.replies.clone(),
+            correlation_id,
+            confirm: Some(confirm),
+            request: Outgoing {
+                body: Vec::new(),
+                properties: named,
+                ..request
+            },
+            what,
+            deadline,
+            timeout,
+            source,
+            timer,
+            taken: false,
+        };
+        call.arm();
+        Ok(call)
+    }
+}
+
+fn no_reply(what: &str, correlation_id: &ShortString, timeout: Duration) -> Error {
+    Error::timeout(format!(
+        "{what}: no reply with correlation_id '{}' within {:.1} s",
+        correlation_id.as_str(),
+        timeout.as_secs_f64()
+    ))
+}
+
+type PublishFuture = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
+
+impl Replies {
+    /// Takes the replies that came: the one for `mine` is returned; those of started calls
+    /// go to their slot (raising them); late replies to calls given up are dropped. When the
+    /// consumer fails, every started call gets the error.
+    fn pump(
+        &mut self,
+        mine: Option<&ShortString>,
+        what: &str,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Delivery>> {
+        loop {
+            let reply = match Pin::new(&mut self.stream).poll_next(cx) {
+                Poll::Ready(Some(Ok(reply))) => reply,
+                Poll::Ready(Some(Err(e))) => {
+                    let err = lost_during_call(&e, what);
+                    for slot in self.calls.values_mut() {
+                        if slot.outcome.is_none() {
+                            slot.outcome = Some(Err(err.clone()));
+                            slot.waker.wake_by_ref();
+                        }
+                    }
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Ready(None) => {
+                    let err = Error::new(
+                        ErrorKind::Channel(0),
+                        format!("{what}: the broker cancelled the reply consumer"),
+                    );
+                    for slot in self.calls.values_mut() {
+                        if slot.outcome.is_none() {
+                            slot.outcome = Some(Err(err.clone()));
+                            slot.waker.wake_by_ref();
+                        }
+                    }
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            let Some(id) = reply.properties.correlation_id().clone() else {
+                continue;
+            };
+            if mine == Some(&id) {
+                return Poll::Ready(Ok(reply));
+            }
+            if let Some(slot) = self.calls.get_mut(&id) {
+                if slot.outcome.is_none() {
+                    slot.outcome = Some(Ok(reply));
+                    slot.waker.wake_by_ref();
+                }
+            }
+            // Else a late reply to a call that timed out or was dropped.
+        }
+    }
+
+    /// Routes what came and leaves the consumer raising the readiness fd, while started calls
+    /// await their replies.
+    fn arm(&mut self, what: &str) {
+        if self.calls.is_empty() {
+            return;
+        }
+        if let Some(source) = self.source.take() {
+            let _ = source.take(AfterReady::Done, |cx| self.pump(None, what, cx));
+            self.source = Some(source);
+        }
+    }
+}
+
+/// An RPC call in flight, made by `Connection::rpc_start`: its reply is taken without
+/// blocking (`poll`) or by waiting (`wait`), once.
+pub struct RpcCall {
+    link: Arc<Link>,
+    replies: Arc<Mutex<Replies>>,
+    correlation_id: ShortString,
+    /// Until the broker confirmed the request (or returned it: no queue took it).
+    confirm: Option<PublishFuture>,
+    /// What names the request in a failure (its body is not kept).
+    request: Outgoing,
+    what: String,
+    deadline: Instant,
+    timeout: Duration,
+    source: Source,
+    timer: AbortHandle,
+    /// The reply, or the error that ended the call, was handed out.
+    taken: bool,
+}
+
+impl RpcCall {
+    /// The correlation id the reply will carry.
+    pub fn correlation_id(&self) -> &str {
+        self.correlation_id.as_str()
+    }
+
+    /// Whether the reply (or the error that ended the call) was handed out.
+    pub fn is_done(&self) -> bool {
+        self.taken
+    }
+
+    /// The reply if it is there, without waiting; a `Timeout` error once the call's timeout
+    /// passed without one.
+    pub fn poll(&mut self) -> Result<Option<Delivery>> {
+        self.ensure_pending()?;
+        self.link.ensure_usable("take an RPC reply")?;
+        let polled = {
+            let source = &self.source;
+            let mut this = CallPoll {
+                replies: &self.replies,
+                confirm: &mut self.confirm,
+                correlation_id: &self.correlation_id,
+                request: &self.request,
+                what: &self.what,
+            };
+            source.take(AfterReady::Done, |cx| this.poll(cx))
+        };
+        match polled {
+            Poll::Ready(outcome) => self.finish(outcome).map(Some),
+            Poll::Pending if Instant::now() >= self.deadline => {
+                let err = no_reply(&self.what, &self.correlation_id, self.timeout);
+                self.finish(Err(err)).map(Some)
+            }
+            Poll::Pending => Ok(None),
+        }
+    }
+
+    /// Waits for the reply, until the call's own timeout.
+    pub fn wait(&mut self) -> Result<Delivery> {
+        self.ensure_pending()?;
+        self.link.ensure_usable("wait for an RPC reply")?;
+        let limit = self.deadline.saturating_duration_since(Instant::now());
+        let mut this = CallPoll {
+            replies: &self.replies,
+            confirm: &mut self.confirm,
+            correlation_id: &self.correlation_id,
+            request: &self.request,
+            what: &self.what,
+        };
+        let outcome =
+            match runtime::park_on(std::future::poll_fn(|cx| this.poll(cx)), limit, &self.what) {
+                Ok(outcome) => outcome,
+                Err(err) if err.kind() == ErrorKind::Timeout => {
+                    Err(no_reply(&self.what, &self.correlation_id, self.timeout))
+                }
+                Err(err) => Err(err),
+            };
+        self.replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .arm(&self.what);
+        self.finish(outcome)
+    }
+
+    /// Polls the call once with its source's waker, so the readiness fd tells of its reply
+    /// (or of its request coming back) with no take first; an outcome already there is kept
+    /// for the first take.
+    fn arm(&mut self) {
+        let polled = {
+            let mut this = CallPoll {
+                replies: &self.replies,
+                confirm: &mut self.confirm,
+                correlation_id: &self.correlation_id,
+                request: &self.request,
+                what: &self.what,
+            };
+            self.source.take(AfterReady::More, |cx| this.poll(cx))
+        };
+        if let Poll::Ready(outcome) = polled {
+            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = replies.calls.get_mut(&self.correlation_id) {
+                slot.outcome = Some(outcome);
+            }
+        }
+    }
+
+    fn ensure_pending(&self) -> Result<()> {
+        if self.taken {
+            return Err(Error::other(format!(
+                "{}: the reply to this call (correlation_id '{}') was already taken; an \
+                 RpcCall gives its reply once",
+                self.what,
+                self.correlation_id.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, outcome: Result<Delivery>) -> Result<Delivery> {
+        self.taken = true;
+        self.timer.abort();
+        self.source.lower();
+        let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        replies.calls.remove(&self.correlation_id);
+        outcome
+    }
+}
+
+impl Drop for RpcCall {
+    fn drop(&mut self) {
+        self.timer.abort();
+        if self.link.is_own() {
+            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            replies.calls.remove(&self.correlation_id);
+        } else if let Some(confirm) = self.confirm.take() {
+            // The parent's future on the parent's channel: leaked with it.
+            std::mem::forget(confirm);
+        }
+    }
+}
+
+/// One look at a started call: its confirm (a returned request fails it), its slot, then the
+/// reply consumer.
+struct CallPoll<'a> {
+    replies: &'a Mutex<Replies>,
+    confirm: &'a mut Option<PublishFuture>,
+    correlation_id: &'a ShortString,
+    request: &'a Outgoing,
+    what: &'a str,
+}
+
+impl CallPoll<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery>> {
+        if let Some(confirm) = self.confirm.as_mut() {
+            match confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what) {
+                Poll::Ready(Ok(())) => *self.confirm = None,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {}
+            }
+        }
+        let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        let replies = &mut *replies;
+        if let Some(outcome) = replies
+            .calls
+            .get_mut(self.correlation_id)
+            .and_then(|slot| slot.outcome.take())
+        {
+            return Poll::Ready(outcome);
+        }
+        let what = self.what;
+        let mine = Some(self.correlation_id);
+        let pumped = match replies.source.take() {
+            Some(source) => {
+                let pumped = source.take(AfterReady::Done, |rcx| replies.pump(mine, what, rcx));
+                replies.source = Some(source);
+                pumped
+            }
+            None => replies.pump(mine, what, cx),
+        };
+        match pumped {
+            Poll::Ready(outcome) => Poll::Ready(outcome),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -185,43 +555,21 @@ fn confirmed_or_failure(
     Poll::Ready(Err(Error::publish(what, vec![failure])))
 }
 
-/// The reply that carries `correlation_id`, dropping late replies to earlier calls.
-fn poll_reply(
-    replies: &mut lapin::Consumer,
-    correlation_id: &ShortString,
-    what: &str,
-    cx: &mut Context<'_>,
-) -> Poll<Result<Delivery>> {
-    loop {
-        return match Pin::new(&mut *replies).poll_next(cx) {
-            Poll::Ready(Some(Ok(reply)))
-                if reply.properties.correlation_id().as_ref() == Some(correlation_id) =>
-            {
-                Poll::Ready(Ok(reply))
-            }
-            // A late reply to an earlier call that timed out.
-            Poll::Ready(Some(Ok(_))) => continue,
-            Poll::Ready(Some(Err(e))) => {
-                let err = Error::from_lapin(&e, what);
-                if !error::lost_connection(&e) {
-                    return Poll::Ready(Err(err));
-                }
-                Poll::Ready(Err(Error::new(
-                    err.kind(),
-                    format!(
-                        "{} (the connection was lost during the call: the request may or may \
-                         not have been handled)",
-                        err.message()
-                    ),
-                )))
-            }
-            Poll::Ready(None) => Poll::Ready(Err(Error::new(
-                ErrorKind::Channel(0),
-                format!("{what}: the broker cancelled the reply consumer"),
-            ))),
-            Poll::Pending => Poll::Pending,
-        };
+/// The error of a reply consumer that failed: a lost connection says the request may or may
+/// not have been handled.
+fn lost_during_call(e: &lapin::Error, what: &str) -> Error {
+    let err = Error::from_lapin(e, what);
+    if !error::lost_connection(e) {
+        return err;
     }
+    Error::new(
+        err.kind(),
+        format!(
+            "{} (the connection was lost during the call: the request may or may not have \
+             been handled)",
+            err.message()
+        ),
+    )
 }
 
 /// Publishes `body` to `reply_to` with `correlation_id` copied, on the connection's reply

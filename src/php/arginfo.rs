@@ -30,7 +30,12 @@ const UNIONS: &[(&str, &str, usize, u32)] = &[
 ];
 
 /// Classes whose objects only factories make.
-const FACTORY_MADE: &[&str] = &["AmqpRs\\Producer", "AmqpRs\\Consumer", "AmqpRs\\Message"];
+const FACTORY_MADE: &[&str] = &[
+    "AmqpRs\\Producer",
+    "AmqpRs\\Consumer",
+    "AmqpRs\\Message",
+    "AmqpRs\\RpcCall",
+];
 
 static DONE: AtomicBool = AtomicBool::new(false);
 

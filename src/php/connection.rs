@@ -16,6 +16,8 @@ use crate::php::convert::{
 use crate::php::exceptions::{guard, invalid_argument, warn};
 use crate::php::message::Message;
 use crate::php::producer::Producer;
+use crate::php::readiness::stream_from_fd;
+use crate::php::rpc_call::RpcCall;
 use ext_php_rs::binary_slice::BinarySlice;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::convert::{FromZval, StubLiteral};
@@ -379,42 +381,40 @@ impl Connection {
         timeout: f64,
     ) -> PhpResult<Message> {
         guard("AmqpRs\\Connection::rpc()", || {
-            if !(timeout.is_finite() && timeout > 0.0) {
-                return Err(invalid_argument(format!(
-                    "rpc(): timeout must be a number of seconds > 0, got {timeout}"
-                )));
-            }
-            let table = properties.table();
-            let given = |key: &str| table.is_some_and(|t| t.get(key).is_some());
-            if given("reply_to") {
-                return Err(invalid_argument(
-                    "rpc(): 'reply_to' is set by rpc() itself (direct reply-to); publish() with \
-                     your own reply_to and consume that queue instead",
-                ));
-            }
-            let mut props = to_properties(table)?;
-            if !given("delivery_mode") {
-                // A request lives as long as its caller waits: not worth a disk write.
-                props = props.with_delivery_mode(1);
-            }
-            if props
-                .correlation_id()
-                .as_ref()
-                .is_some_and(|id| id.as_str().is_empty())
-            {
-                return Err(invalid_argument(
-                    "rpc(): 'correlation_id' may not be empty (leave it out to have one made)",
-                ));
-            }
-            let request = Outgoing {
-                exchange: exchange.to_string(),
-                routing_key: routingKey.to_string(),
-                body: body.to_vec(),
-                properties: props,
-            };
+            let request = rpc_request("rpc", &body, routingKey, exchange, &properties, timeout)?;
             let reply = self.inner.rpc(request, Duration::from_secs_f64(timeout))?;
             let link = self.inner.link_arc();
             Ok(Message::received(reply, link, true))
+        })
+    }
+
+    /// Publishes a request as `rpc()` does and returns at once: the reply is taken from the
+    /// `RpcCall`, when `readiness()` says something came. The timeout still holds.
+    #[php(defaults(routingKey = "\"\"", exchange = "\"\"", properties = PhpArray::EMPTY, timeout = 30.0))]
+    pub fn rpc_async(
+        &mut self,
+        body: BinarySlice<'_, u8>,
+        routingKey: &str,
+        exchange: &str,
+        properties: PhpArray<'_>,
+        timeout: f64,
+    ) -> PhpResult<RpcCall> {
+        guard("AmqpRs\\Connection::rpcAsync()", || {
+            let name = "rpcAsync";
+            let request = rpc_request(name, &body, routingKey, exchange, &properties, timeout)?;
+            let call = self
+                .inner
+                .rpc_start(request, Duration::from_secs_f64(timeout))?;
+            Ok(RpcCall::new(call, self.inner.link_arc()))
+        })
+    }
+
+    /// A read-only stream that is readable while a consumer, producer or RPC call of this
+    /// connection may have something to take (see docs/event-loops.md); never read it.
+    pub fn readiness(&mut self) -> PhpResult<Zval> {
+        guard("AmqpRs\\Connection::readiness()", || {
+            let fd = self.inner.readiness_fd()?;
+            stream_from_fd(fd)
         })
     }
 
@@ -428,6 +428,50 @@ impl Connection {
             Ok(out)
         })
     }
+}
+
+/// The request `rpc()` and `rpcAsync()` send; `method` names the caller in errors.
+fn rpc_request(
+    method: &str,
+    body: &BinarySlice<'_, u8>,
+    routing_key: &str,
+    exchange: &str,
+    properties: &PhpArray<'_>,
+    timeout: f64,
+) -> PhpResult<Outgoing> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(invalid_argument(format!(
+            "{method}(): timeout must be a number of seconds > 0, got {timeout}"
+        )));
+    }
+    let table = properties.table();
+    let given = |key: &str| table.is_some_and(|t| t.get(key).is_some());
+    if given("reply_to") {
+        return Err(invalid_argument(format!(
+            "{method}(): 'reply_to' is set by {method}() itself (direct reply-to); publish() \
+             with your own reply_to and consume that queue instead"
+        )));
+    }
+    let mut props = to_properties(table)?;
+    if !given("delivery_mode") {
+        // A request lives as long as its caller waits: not worth a disk write.
+        props = props.with_delivery_mode(1);
+    }
+    if props
+        .correlation_id()
+        .as_ref()
+        .is_some_and(|id| id.as_str().is_empty())
+    {
+        return Err(invalid_argument(format!(
+            "{method}(): 'correlation_id' may not be empty (leave it out to have one made)"
+        )));
+    }
+    Ok(Outgoing {
+        exchange: exchange.to_string(),
+        routing_key: routing_key.to_string(),
+        body: body.to_vec(),
+        properties: props,
+    })
 }
 
 fn binding_arguments(arguments: &PhpArray<'_>, path: &str) -> PhpResult<lapin::types::FieldTable> {

@@ -9,3 +9,5 @@ pub mod exceptions;
 pub mod json;
 pub mod message;
 pub mod producer;
+pub mod readiness;
+pub mod rpc_call;

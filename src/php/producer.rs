@@ -116,6 +116,20 @@ impl Producer {
         })
     }
 
+    /// Settles what the broker confirmed so far, without waiting: `PublishException` lists
+    /// the failures as `waitForConfirms()` does; returns how many are still unconfirmed.
+    pub fn poll_confirms(&self) -> PhpResult<i64> {
+        guard("AmqpRs\\Producer::pollConfirms()", || {
+            let mut core = self.core();
+            let (failures, pending) = core.poll_confirms()?;
+            if failures.is_empty() {
+                return Ok(pending as i64);
+            }
+            let what = format!("publish on {}", core.endpoint());
+            Err(Error::publish(&what, failures).into())
+        })
+    }
+
     /// Publishes not yet confirmed by the broker.
     pub fn pending_confirms(&self) -> i64 {
         self.core().pending() as i64
