@@ -24,6 +24,7 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::task::AbortHandle;
 
 /// How often a producer declares again a queue it uses (delay and dead-letter queues), so
 /// that their `x-expires` clock never runs out while messages wait in them.
@@ -81,6 +82,8 @@ pub struct Producer {
     declared: HashMap<String, Instant>,
     /// Its share of the connection's readiness fd, from the first `poll_confirms()`.
     source: Option<Source>,
+    /// The timer that raises it when the next republish is due, and when that is.
+    retry_timer: Option<(Instant, AbortHandle)>,
 }
 
 impl Producer {
@@ -92,6 +95,7 @@ impl Producer {
             confirms: Confirms::new(options.nack_retries),
             declared: HashMap::new(),
             source: None,
+            retry_timer: None,
         };
         producer.channel()?;
         Ok(producer)
@@ -356,8 +360,14 @@ impl Producer {
         if let Some(source) = &self.source {
             let (confirms, link) = (&mut self.confirms, &self.link);
             let _ = source.take(AfterReady::Done, |cx| confirms.poll_settled(cx, link));
-            if let Some(due) = self.confirms.next_due() {
-                source.raise_at(due)?;
+            let due = self.confirms.next_due();
+            if due != self.retry_timer.as_ref().map(|(at, _)| *at) {
+                if let Some((_, timer)) = self.retry_timer.take() {
+                    timer.abort();
+                }
+                if let Some(due) = due {
+                    self.retry_timer = Some((due, source.raise_at(due)?));
+                }
             }
         }
         if let Some(err) = self.confirms.take_channel_error() {
@@ -405,6 +415,9 @@ impl Confirming for Producer {
 
 impl Drop for Producer {
     fn drop(&mut self) {
+        if let Some((_, timer)) = self.retry_timer.take() {
+            timer.abort();
+        }
         if self.link.is_own() {
             self.confirms.reap(&self.link);
             if let Some(channel) = self.channel.take() {
