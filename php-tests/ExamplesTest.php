@@ -114,6 +114,20 @@ final class ExamplesTest extends TestCase
         $this->assertStringContainsString('server: handled 7 requests', $log);
     }
 
+    public function testTheStreamSelectLoopDoesEverythingWithoutBlockingItsTicker(): void
+    {
+        [$code, $out, $err] = self::runScript(30, 'event-loop/select.php', $this->queue);
+        $this->assertSame(0, $code, $out . $err);
+        $this->assertSame('', $err);
+        $this->assertStringContainsString('select: 2000 jobs published, confirmed and consumed', $out);
+        $this->assertStringContainsString('select: 20 replies (CALL 0 ... CALL 19), each served 200 ms after it came', $out);
+        // 20 calls served 200 ms after each came, all at once: about one delay, not twenty.
+        $this->assertMatchesRegularExpression('/done in (\d+) ms; the 20 ms ticker fired (\d+) times/', $out);
+        preg_match('/done in (\d+) ms; the 20 ms ticker fired (\d+) times/', $out, $m);
+        $this->assertLessThan(2000, (int) $m[1], $out);
+        $this->assertGreaterThanOrEqual(5, (int) $m[2], 'the ticker kept firing: ' . $out);
+    }
+
     public function testRpcClientWithoutAServerSaysSoAndExits1(): void
     {
         [$code, $out, $err, $took] = self::runScript(30, 'rpc/client.php', $this->queue);
