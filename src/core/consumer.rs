@@ -234,16 +234,21 @@ impl Consumer {
     /// A consumer the broker cancelled (its queue was deleted) or whose channel or connection
     /// closed ends with an error naming the queue, never with a silent hang.
     pub fn next(&mut self, limit: Duration, batched: bool) -> Result<Option<Incoming>> {
+        if self.state == State::Cancelled {
+            return Err(Error::new(
+                ErrorKind::Other,
+                format!(
+                    "consume from {}: the consumer was cancelled",
+                    self.describe()
+                ),
+            ));
+        }
+        // A take that must not wait takes nothing while lapin recovers the connection.
+        if limit.is_zero() && !self.usable_now()? {
+            return Ok(None);
+        }
         match self.state {
-            State::Cancelled => {
-                return Err(Error::new(
-                    ErrorKind::Other,
-                    format!(
-                        "consume from {}: the consumer was cancelled",
-                        self.describe()
-                    ),
-                ))
-            }
+            State::Cancelled => {}
             State::Paused => {
                 self.link.ensure_usable("consume")?;
                 self.subscribe(&self.tags())?;
@@ -253,9 +258,6 @@ impl Consumer {
         let start = self.next_stream;
         let mut ready = Some(if limit.is_zero() {
             // A non-blocking take: lapin raises the readiness fd when the next one arrives.
-            if self.source.is_none() {
-                self.source = Some(self.link.readiness("consume")?.source());
-            }
             let streams = &mut *self.streams;
             let source = self.source.as_ref();
             source.map_or(Poll::Pending, |source| {
@@ -303,6 +305,13 @@ impl Consumer {
                 // lapin reconnects and re-subscribes this consumer on the same channel. The
                 // deliveries handed out before are the broker's to redeliver: their acks are
                 // dropped quietly (their ackers are dead), and the held ones with them.
+                if limit.is_zero() {
+                    self.renew_batch();
+                    if let Some(source) = &self.source {
+                        source.recheck_soon()?;
+                    }
+                    return Ok(None);
+                }
                 let recovered = self
                     .channel
                     .as_ref()
@@ -311,13 +320,33 @@ impl Consumer {
                     let context = format!("consume from {}", self.describe());
                     return Err(Error::from_lapin(&e, &context));
                 }
-                if let Some(batch) = &self.batch {
-                    let unwritten = self.link.settlements().clone();
-                    self.batch = Some(Arc::new(AckBatch::new(batch.limit, unwritten)));
-                }
+                self.renew_batch();
                 self.next(limit, batched)
             }
             Ok((index, Err(ended))) => Err(self.ended(index, ended)),
+        }
+    }
+
+    /// Joins the readiness fd if not yet; whether the connection serves now (false while it
+    /// is recovered: the source is raised again shortly to look again).
+    fn usable_now(&mut self) -> Result<bool> {
+        let source = match self.source.take() {
+            Some(source) => source,
+            None => self.link.readiness("consume")?.source(),
+        };
+        let usable = self.link.usable_now("consume");
+        if let Ok(false) = usable {
+            source.recheck_soon()?;
+        }
+        self.source = Some(source);
+        usable
+    }
+
+    /// After a lost connection: the held acks belong to dead deliveries, dropped with them.
+    fn renew_batch(&mut self) {
+        if let Some(batch) = &self.batch {
+            let unwritten = self.link.settlements().clone();
+            self.batch = Some(Arc::new(AckBatch::new(batch.limit, unwritten)));
         }
     }
 

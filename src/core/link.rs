@@ -197,6 +197,32 @@ impl Link {
 
     /// The error to give for any use of a connection that cannot serve.
     pub(crate) fn ensure_usable(&self, what: &str) -> Result<()> {
+        self.ensure_open(what)?;
+        if !self.inner.status().connected() && !self.await_recovery() {
+            return Err(self.lost(what));
+        }
+        Ok(())
+    }
+
+    /// For takes that must not wait: true when the connection serves now, false while lapin
+    /// recovers it (nothing to take yet); the error `ensure_usable` gives otherwise.
+    pub(crate) fn usable_now(&self, what: &str) -> Result<bool> {
+        self.ensure_open(what)?;
+        let status = self.inner.status();
+        if status.connected() {
+            return Ok(true);
+        }
+        if self.recovers()
+            && (status.reconnecting() || status.connecting())
+            && !self.attempts.spent()
+        {
+            return Ok(false);
+        }
+        Err(self.lost(what))
+    }
+
+    /// The error for a connection closed by the user or inherited through `fork()`.
+    pub(crate) fn ensure_open(&self, what: &str) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::connection(format!(
                 "{what} on {}: the connection is closed",
@@ -210,18 +236,19 @@ impl Link {
                 self.endpoint()
             )));
         }
-        if !self.inner.status().connected() && !self.await_recovery() {
-            return Err(Error::connection(format!(
-                "{what} on {}: the connection is lost{}",
-                self.endpoint(),
-                if self.reconnect {
-                    format!(" and could not be recovered ({RECOVERY_ATTEMPTS} attempts)")
-                } else {
-                    " (reconnect is off)".to_string()
-                }
-            )));
-        }
         Ok(())
+    }
+
+    fn lost(&self, what: &str) -> Error {
+        Error::connection(format!(
+            "{what} on {}: the connection is lost{}",
+            self.endpoint(),
+            if self.reconnect {
+                format!(" and could not be recovered ({RECOVERY_ATTEMPTS} attempts)")
+            } else {
+                " (reconnect is off)".to_string()
+            }
+        ))
     }
 
     /// Whether a lost connection is being recovered, or already is.
@@ -370,7 +397,7 @@ impl Link {
     /// The connection's readiness signal, made on first use: `what` names the caller's purpose
     /// in the error a closed, lost or inherited connection gives.
     pub(crate) fn readiness(&self, what: &str) -> Result<Arc<Readiness>> {
-        self.ensure_usable(what)?;
+        self.ensure_open(what)?;
         if let Some(readiness) = self.readiness.get() {
             return Ok(readiness.clone());
         }

@@ -356,7 +356,12 @@ impl Producer {
             let readiness = self.link.readiness("take publisher confirms")?;
             self.source = Some(readiness.source());
         }
-        self.resend_due()?;
+        // Republishing waits for the channel: not while lapin recovers the connection.
+        if self.link.usable_now("take publisher confirms")? {
+            self.resend_due()?;
+        } else if let Some(source) = &self.source {
+            source.recheck_soon()?;
+        }
         if let Some(source) = &self.source {
             let (confirms, link) = (&mut self.confirms, &self.link);
             let _ = source.take(AfterReady::Done, |cx| confirms.poll_settled(cx, link));

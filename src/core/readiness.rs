@@ -19,6 +19,9 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
 use tokio::task::AbortHandle;
 
+/// How soon a take during a recovery is told to look again.
+const RECOVERY_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// One connection's eventfd and how many of its sources are raised.
 pub(crate) struct Readiness {
     fd: OwnedFd,
@@ -201,6 +204,12 @@ impl Source {
             waker.wake();
         });
         Ok(timer.abort_handle())
+    }
+
+    /// While lapin recovers the connection there is nothing to take, and not every step of a
+    /// recovery has an event: the source is raised again shortly, to look again.
+    pub(crate) fn recheck_soon(&self) -> Result<()> {
+        self.raise_at(Instant::now() + RECOVERY_RECHECK).map(drop)
     }
 
     /// Lowers the source now, whatever woke it.

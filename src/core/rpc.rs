@@ -172,8 +172,7 @@ impl RpcClient {
         }
     }
 
-    /// Publishes `request` with `reply_to` and `correlation_id`; the future of its confirm,
-    /// polled once (which hands the frames to lapin).
+    /// The publish of `request` with `reply_to` and `correlation_id`, resolving to its confirm.
     fn send(&self, request: &Outgoing, correlation_id: &ShortString) -> Result<PublishFuture> {
         let exchange = shortstr(&request.exchange, "exchange name")?;
         let routing_key = shortstr(&request.routing_key, "routing key")?;
@@ -188,19 +187,14 @@ impl RpcClient {
             immediate: false,
         };
         let body = request.body.clone();
-        let mut confirm: PublishFuture = Box::pin(async move {
+        // Not polled here: the caller's first poll sends it, and a future that completed
+        // must not be polled again.
+        Ok(Box::pin(async move {
             channel
                 .basic_publish(exchange, routing_key, options, &body, properties)
                 .await?
                 .await
-        });
-        if let Poll::Ready(Err(e)) = confirm
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
-            return Err(Error::from_lapin(&e, "publish the RPC request"));
-        }
-        Ok(confirm)
+        }))
     }
 
     /// Sends `request` and returns at once: the call's reply is taken from the `RpcCall`,
@@ -378,7 +372,8 @@ impl RpcCall {
     /// passed without one.
     pub fn poll(&mut self) -> Result<Option<Delivery>> {
         self.ensure_pending()?;
-        self.link.ensure_usable("take an RPC reply")?;
+        // No wait for a recovery: the call fails with the lost connection, or times out.
+        self.link.ensure_open("take an RPC reply")?;
         let polled = {
             let source = &self.source;
             let mut this = CallPoll {
