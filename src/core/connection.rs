@@ -2,12 +2,14 @@
 //! topology commands go on, and what it makes: producers, consumers, `basic.get`, RPC calls.
 
 use crate::core::connect_options::ConnectOptions;
-use crate::core::consumer::{poison_warning, Consumer, ConsumerOptions, DEAD_LETTERED};
+use crate::core::consumer::{Consumer, ConsumerOptions};
 use crate::core::error::{Error, ErrorKind, Result};
 use crate::core::link::{Confirming, Link, CLOSE_TIMEOUT, COMMAND_TIMEOUT};
+use crate::core::poison::{poison_warning, DEAD_LETTERED};
 use crate::core::pool;
 use crate::core::producer::{Outgoing, Producer, ProducerOptions};
-use crate::core::rpc::{RpcCall, RpcClient};
+use crate::core::rpc::RpcClient;
+use crate::core::rpc_call::RpcCall;
 use crate::core::runtime;
 use crate::core::settlements::Settlement;
 use crate::core::shortstr::shortstr;
@@ -194,25 +196,26 @@ impl Connection {
 
     /// Sends `request` and waits up to `timeout` for its reply (direct reply-to).
     pub fn rpc(&mut self, request: Outgoing, timeout: Duration) -> Result<Delivery> {
+        let link = self.link_arc();
+        self.usable_rpc_client()?.call(&link, request, timeout)
+    }
+
+    /// The RPC channel, opened (or reopened, if it died) as needed.
+    fn usable_rpc_client(&mut self) -> Result<&mut RpcClient> {
         self.ensure_usable("RPC")?;
         let link = self.link_arc();
-        let client = match self.rpc_client() {
-            Some(client) if client.usable(&link) => client,
-            _ => self.set_rpc_client(RpcClient::open(&link)?),
-        };
-        client.call(&link, request, timeout)
+        if !self.rpc.as_ref().is_some_and(|client| client.usable(&link)) {
+            return Ok(self.set_rpc_client(RpcClient::open(&link)?));
+        }
+        self.rpc_client()
+            .ok_or_else(|| Error::other("RPC: the RPC channel is gone"))
     }
 
     /// Sends `request` and returns at once; the reply is taken from the call, which raises
     /// the connection's readiness fd when it is there (or the call failed or timed out).
     pub fn rpc_start(&mut self, request: Outgoing, timeout: Duration) -> Result<RpcCall> {
-        self.ensure_usable("RPC")?;
         let link = self.link_arc();
-        let client = match self.rpc_client() {
-            Some(client) if client.usable(&link) => client,
-            _ => self.set_rpc_client(RpcClient::open(&link)?),
-        };
-        client.start(link, request, timeout)
+        RpcCall::start(self.usable_rpc_client()?, link, request, timeout)
     }
 
     /// The connection's readiness fd, duplicated for the caller to own (see `readiness.rs`).

@@ -8,6 +8,7 @@ use crate::core::ack_batch::AckBatch;
 use crate::core::delivery::Delivery;
 use crate::core::error::{self, Error, ErrorKind, Result};
 use crate::core::link::{Link, COMMAND_TIMEOUT};
+use crate::core::poison::{poison_warning, DEAD_LETTERED};
 use crate::core::readiness::{AfterReady, Source};
 use crate::core::runtime;
 use crate::core::settlements::Settlement;
@@ -59,29 +60,6 @@ pub enum Incoming {
     /// A delivery whose short strings were not UTF-8: settled already, it must not reach the
     /// application; the warning to give instead.
     Poisoned(String),
-}
-
-/// The fate of a poisoned delivery that was not auto-acked.
-pub(crate) const DEAD_LETTERED: &str =
-    "rejected without requeue, so the broker dead-letters it if the \
-                             queue has a dead-letter exchange (and drops it if not)";
-
-/// What to tell the user about a delivery whose short strings were not UTF-8.
-pub(crate) fn poison_warning(
-    fields: &[&str],
-    tag: u64,
-    queue: &str,
-    endpoint: &str,
-    fate: &str,
-) -> String {
-    format!(
-        "delivery {tag} from queue '{queue}' on {endpoint} not handed to the application: its {} \
-         not valid UTF-8, which AMQP requires of short strings; {fate}",
-        match fields {
-            [one] => format!("{one} is"),
-            _ => format!("{} are", fields.join(", ")),
-        }
-    )
 }
 
 /// Consumers of one or more queues on one channel.

@@ -21,6 +21,7 @@ pub mod recovery;
 pub mod resolve;
 pub mod retry;
 pub mod rpc;
+pub mod rpc_call;
 pub mod runtime;
 pub mod settlements;
 pub mod shortstr;

@@ -326,6 +326,29 @@ fn repair_utf8(bytes: &mut [u8]) -> bool {
     repaired
 }
 
+/// The fate of a poisoned delivery that was not auto-acked.
+pub(crate) const DEAD_LETTERED: &str =
+    "rejected without requeue, so the broker dead-letters it if the \
+                             queue has a dead-letter exchange (and drops it if not)";
+
+/// What to tell the user about a delivery whose short strings were not UTF-8.
+pub(crate) fn poison_warning(
+    fields: &[&str],
+    tag: u64,
+    queue: &str,
+    endpoint: &str,
+    fate: &str,
+) -> String {
+    format!(
+        "delivery {tag} from queue '{queue}' on {endpoint} not handed to the application: its {} \
+         not valid UTF-8, which AMQP requires of short strings; {fate}",
+        match fields {
+            [one] => format!("{one} is"),
+            _ => format!("{} are", fields.join(", ")),
+        }
+    )
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

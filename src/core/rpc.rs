@@ -19,8 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
-use tokio::task::AbortHandle;
+use std::time::Duration;
 
 /// How long a call waits for its reply before it also watches its confirm (see `call`).
 const QUIET: Duration = Duration::from_millis(5);
@@ -33,7 +32,7 @@ pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 pub(crate) struct RpcClient {
     channel: Channel,
     /// Shared with the calls made by `start()`, which take their replies from it.
-    replies: Arc<Mutex<Replies>>,
+    pub(crate) replies: Arc<Mutex<Replies>>,
     /// Random, so correlation ids never collide with another client's.
     prefix: String,
     sequence: u64,
@@ -43,17 +42,17 @@ pub(crate) struct RpcClient {
 pub(crate) struct Replies {
     stream: lapin::Consumer,
     /// Calls made by `start()` that await their reply, by correlation id.
-    calls: HashMap<ShortString, Slot>,
+    pub(crate) calls: HashMap<ShortString, Slot>,
     /// Raised when a reply arrives while a started call awaits one: lapin keeps one waker
     /// per consumer, so the calls share this one and each is raised by the routing.
-    source: Option<Source>,
+    pub(crate) source: Option<Source>,
 }
 
 /// A started call's place: its reply (or the error that ended it) once routed, and the waker
 /// that tells it.
-struct Slot {
-    outcome: Option<Result<Delivery>>,
-    waker: Waker,
+pub(crate) struct Slot {
+    pub(crate) outcome: Option<Result<Delivery>>,
+    pub(crate) waker: Waker,
 }
 
 fn failure(request: &Outgoing, reply_code: u16, reason: String) -> Failure {
@@ -98,7 +97,7 @@ impl RpcClient {
     }
 
     /// The correlation id of the next call: the caller's, or a fresh one.
-    fn correlation_id(&mut self, request: &Outgoing) -> ShortString {
+    pub(crate) fn correlation_id(&mut self, request: &Outgoing) -> ShortString {
         match request.properties.correlation_id() {
             Some(id) => id.clone(),
             None => {
@@ -122,12 +121,7 @@ impl RpcClient {
         request: Outgoing,
         timeout: Duration,
     ) -> Result<Delivery> {
-        let what = format!(
-            "RPC to exchange '{}' with routing key '{}' on {}",
-            request.exchange,
-            request.routing_key,
-            link.endpoint()
-        );
+        let what = describe(&request, link);
         let correlation_id = self.correlation_id(&request);
         let mut confirm = self.send(&request, &correlation_id)?;
         let mut confirmed = false;
@@ -173,7 +167,11 @@ impl RpcClient {
     }
 
     /// The publish of `request` with `reply_to` and `correlation_id`, resolving to its confirm.
-    fn send(&self, request: &Outgoing, correlation_id: &ShortString) -> Result<PublishFuture> {
+    pub(crate) fn send(
+        &self,
+        request: &Outgoing,
+        correlation_id: &ShortString,
+    ) -> Result<PublishFuture> {
         let exchange = shortstr(&request.exchange, "exchange name")?;
         let routing_key = shortstr(&request.routing_key, "routing key")?;
         let properties: BasicProperties = request
@@ -196,72 +194,19 @@ impl RpcClient {
                 .await
         }))
     }
-
-    /// Sends `request` and returns at once: the call's reply is taken from the `RpcCall`,
-    /// which raises the connection's readiness fd when the reply (or its failure) is there.
-    pub(crate) fn start(
-        &mut self,
-        link: Arc<Link>,
-        request: Outgoing,
-        timeout: Duration,
-    ) -> Result<RpcCall> {
-        let what = format!(
-            "RPC to exchange '{}' with routing key '{}' on {}",
-            request.exchange,
-            request.routing_key,
-            link.endpoint()
-        );
-        let readiness = link.readiness(&what)?;
-        let correlation_id = self.correlation_id(&request);
-        let source = readiness.source();
-        {
-            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-            if replies.source.is_none() {
-                replies.source = Some(readiness.source());
-            }
-            let slot = Slot {
-                outcome: None,
-                waker: source.waker(),
-            };
-            replies.calls.insert(correlation_id.clone(), slot);
-        }
-        let confirm = match self.send(&request, &correlation_id) {
-            Ok(confirm) => confirm,
-            Err(err) => {
-                let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-                replies.calls.remove(&correlation_id);
-                return Err(Error::new(err.kind(), format!("{what}: {}", err.message())));
-            }
-        };
-        let deadline = Instant::now() + timeout;
-        let timer = source.raise_at(deadline)?;
-        let mut named = BasicProperties::default();
-        if let Some(id) = request.properties.message_id().clone() {
-            named = named.with_message_id(id);
-        }
-        let mut call = RpcCall {
-            link,
-            replies: self.replies.clone(),
-            correlation_id,
-            confirm: Some(confirm),
-            request: Outgoing {
-                body: Vec::new(),
-                properties: named,
-                ..request
-            },
-            what,
-            deadline,
-            timeout,
-            source,
-            timer,
-            taken: false,
-        };
-        call.arm();
-        Ok(call)
-    }
 }
 
-fn no_reply(what: &str, correlation_id: &ShortString, timeout: Duration) -> Error {
+/// What names a call in its errors.
+pub(crate) fn describe(request: &Outgoing, link: &Link) -> String {
+    format!(
+        "RPC to exchange '{}' with routing key '{}' on {}",
+        request.exchange,
+        request.routing_key,
+        link.endpoint()
+    )
+}
+
+pub(crate) fn no_reply(what: &str, correlation_id: &ShortString, timeout: Duration) -> Error {
     Error::timeout(format!(
         "{what}: no reply with correlation_id '{}' within {:.1} s",
         correlation_id.as_str(),
@@ -269,13 +214,13 @@ fn no_reply(what: &str, correlation_id: &ShortString, timeout: Duration) -> Erro
     ))
 }
 
-type PublishFuture = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
+pub(crate) type PublishFuture = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
 
 impl Replies {
     /// Takes the replies that came: the one for `mine` is returned; those of started calls
     /// go to their slot (raising them); late replies to calls given up are dropped. When the
     /// consumer fails, every started call gets the error.
-    fn pump(
+    pub(crate) fn pump(
         &mut self,
         mine: Option<&ShortString>,
         what: &str,
@@ -285,27 +230,14 @@ impl Replies {
             let reply = match Pin::new(&mut self.stream).poll_next(cx) {
                 Poll::Ready(Some(Ok(reply))) => reply,
                 Poll::Ready(Some(Err(e))) => {
-                    let err = lost_during_call(&e, what);
-                    for slot in self.calls.values_mut() {
-                        if slot.outcome.is_none() {
-                            slot.outcome = Some(Err(err.clone()));
-                            slot.waker.wake_by_ref();
-                        }
-                    }
-                    return Poll::Ready(Err(err));
+                    return Poll::Ready(Err(self.fail_all(lost_during_call(&e, what))))
                 }
                 Poll::Ready(None) => {
                     let err = Error::new(
                         ErrorKind::Channel(0),
                         format!("{what}: the broker cancelled the reply consumer"),
                     );
-                    for slot in self.calls.values_mut() {
-                        if slot.outcome.is_none() {
-                            slot.outcome = Some(Err(err.clone()));
-                            slot.waker.wake_by_ref();
-                        }
-                    }
-                    return Poll::Ready(Err(err));
+                    return Poll::Ready(Err(self.fail_all(err)));
                 }
                 Poll::Pending => return Poll::Pending,
             };
@@ -325,9 +257,20 @@ impl Replies {
         }
     }
 
+    /// Ends every started call still waiting with `err` (their replies cannot come now).
+    fn fail_all(&mut self, err: Error) -> Error {
+        for slot in self.calls.values_mut() {
+            if slot.outcome.is_none() {
+                slot.outcome = Some(Err(err.clone()));
+                slot.waker.wake_by_ref();
+            }
+        }
+        err
+    }
+
     /// Routes what came and leaves the consumer raising the readiness fd, while started calls
     /// await their replies.
-    fn arm(&mut self, what: &str) {
+    pub(crate) fn arm(&mut self, what: &str) {
         if self.calls.is_empty() {
             return;
         }
@@ -338,195 +281,9 @@ impl Replies {
     }
 }
 
-/// An RPC call in flight, made by `Connection::rpc_start`: its reply is taken without
-/// blocking (`poll`) or by waiting (`wait`), once.
-pub struct RpcCall {
-    link: Arc<Link>,
-    replies: Arc<Mutex<Replies>>,
-    correlation_id: ShortString,
-    /// Until the broker confirmed the request (or returned it: no queue took it).
-    confirm: Option<PublishFuture>,
-    /// What names the request in a failure (its body is not kept).
-    request: Outgoing,
-    what: String,
-    deadline: Instant,
-    timeout: Duration,
-    source: Source,
-    timer: AbortHandle,
-    /// The reply, or the error that ended the call, was handed out.
-    taken: bool,
-}
-
-impl RpcCall {
-    /// The correlation id the reply will carry.
-    pub fn correlation_id(&self) -> &str {
-        self.correlation_id.as_str()
-    }
-
-    /// Whether the reply (or the error that ended the call) was handed out.
-    pub fn is_done(&self) -> bool {
-        self.taken
-    }
-
-    /// The reply if it is there, without waiting; a `Timeout` error once the call's timeout
-    /// passed without one.
-    pub fn poll(&mut self) -> Result<Option<Delivery>> {
-        self.ensure_pending()?;
-        // No wait for a recovery: the call fails with the lost connection, or times out.
-        self.link.ensure_open("take an RPC reply")?;
-        let polled = {
-            let source = &self.source;
-            let mut this = CallPoll {
-                replies: &self.replies,
-                confirm: &mut self.confirm,
-                correlation_id: &self.correlation_id,
-                request: &self.request,
-                what: &self.what,
-            };
-            source.take(AfterReady::Done, |cx| this.poll(cx))
-        };
-        match polled {
-            Poll::Ready(outcome) => self.finish(outcome).map(Some),
-            Poll::Pending if Instant::now() >= self.deadline => {
-                let err = no_reply(&self.what, &self.correlation_id, self.timeout);
-                self.finish(Err(err)).map(Some)
-            }
-            Poll::Pending => Ok(None),
-        }
-    }
-
-    /// Waits for the reply, until the call's own timeout.
-    pub fn wait(&mut self) -> Result<Delivery> {
-        self.ensure_pending()?;
-        self.link.ensure_usable("wait for an RPC reply")?;
-        let limit = self.deadline.saturating_duration_since(Instant::now());
-        let mut this = CallPoll {
-            replies: &self.replies,
-            confirm: &mut self.confirm,
-            correlation_id: &self.correlation_id,
-            request: &self.request,
-            what: &self.what,
-        };
-        let outcome =
-            match runtime::park_on(std::future::poll_fn(|cx| this.poll(cx)), limit, &self.what) {
-                Ok(outcome) => outcome,
-                Err(err) if err.kind() == ErrorKind::Timeout => {
-                    Err(no_reply(&self.what, &self.correlation_id, self.timeout))
-                }
-                Err(err) => Err(err),
-            };
-        self.replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .arm(&self.what);
-        self.finish(outcome)
-    }
-
-    /// Polls the call once with its source's waker, so the readiness fd tells of its reply
-    /// (or of its request coming back) with no take first; an outcome already there is kept
-    /// for the first take.
-    fn arm(&mut self) {
-        let polled = {
-            let mut this = CallPoll {
-                replies: &self.replies,
-                confirm: &mut self.confirm,
-                correlation_id: &self.correlation_id,
-                request: &self.request,
-                what: &self.what,
-            };
-            self.source.take(AfterReady::More, |cx| this.poll(cx))
-        };
-        if let Poll::Ready(outcome) = polled {
-            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(slot) = replies.calls.get_mut(&self.correlation_id) {
-                slot.outcome = Some(outcome);
-            }
-        }
-    }
-
-    fn ensure_pending(&self) -> Result<()> {
-        if self.taken {
-            return Err(Error::other(format!(
-                "{}: the reply to this call (correlation_id '{}') was already taken; an \
-                 RpcCall gives its reply once",
-                self.what,
-                self.correlation_id.as_str()
-            )));
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self, outcome: Result<Delivery>) -> Result<Delivery> {
-        self.taken = true;
-        self.timer.abort();
-        self.source.lower();
-        let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        replies.calls.remove(&self.correlation_id);
-        outcome
-    }
-}
-
-impl Drop for RpcCall {
-    fn drop(&mut self) {
-        self.timer.abort();
-        if self.link.is_own() {
-            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-            replies.calls.remove(&self.correlation_id);
-        } else if let Some(confirm) = self.confirm.take() {
-            // The parent's future on the parent's channel: leaked with it.
-            std::mem::forget(confirm);
-        }
-    }
-}
-
-/// One look at a started call: its confirm (a returned request fails it), its slot, then the
-/// reply consumer.
-struct CallPoll<'a> {
-    replies: &'a Mutex<Replies>,
-    confirm: &'a mut Option<PublishFuture>,
-    correlation_id: &'a ShortString,
-    request: &'a Outgoing,
-    what: &'a str,
-}
-
-impl CallPoll<'_> {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery>> {
-        if let Some(confirm) = self.confirm.as_mut() {
-            match confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what) {
-                Poll::Ready(Ok(())) => *self.confirm = None,
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Pending => {}
-            }
-        }
-        let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        let replies = &mut *replies;
-        if let Some(outcome) = replies
-            .calls
-            .get_mut(self.correlation_id)
-            .and_then(|slot| slot.outcome.take())
-        {
-            return Poll::Ready(outcome);
-        }
-        let what = self.what;
-        let mine = Some(self.correlation_id);
-        let pumped = match replies.source.take() {
-            Some(source) => {
-                let pumped = source.take(AfterReady::Done, |rcx| replies.pump(mine, what, rcx));
-                replies.source = Some(source);
-                pumped
-            }
-            None => replies.pump(mine, what, cx),
-        };
-        match pumped {
-            Poll::Ready(outcome) => Poll::Ready(outcome),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
 /// What the confirm of a request says: `Ok` once the broker took it, the failure if it was
 /// returned (no queue bound for it) or nacked.
-fn confirmed_or_failure(
+pub(crate) fn confirmed_or_failure(
     confirm: Poll<lapin::Result<Confirmation>>,
     request: &Outgoing,
     what: &str,

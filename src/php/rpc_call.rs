@@ -2,7 +2,7 @@
 //! `core::rpc::RpcCall`.
 
 use crate::core::link::Link;
-use crate::core::rpc::RpcCall as CoreCall;
+use crate::core::rpc_call::RpcCall as CoreCall;
 use crate::php::exceptions::guard;
 use crate::php::message::Message;
 use ext_php_rs::exception::PhpResult;
