@@ -112,14 +112,7 @@ impl RpcCall {
         // No wait for a recovery: the call fails with the lost connection, or times out.
         self.link.ensure_open("take an RPC reply")?;
         let polled = {
-            let source = &self.source;
-            let mut this = CallPoll {
-                replies: &self.replies,
-                confirm: &mut self.confirm,
-                correlation_id: &self.correlation_id,
-                request: &self.request,
-                what: &self.what,
-            };
+            let (mut this, source) = self.parts();
             source.take(AfterReady::Done, |cx| this.poll(cx))
         };
         match polled {
@@ -137,21 +130,16 @@ impl RpcCall {
         self.ensure_pending()?;
         self.link.ensure_usable("wait for an RPC reply")?;
         let limit = self.deadline.saturating_duration_since(Instant::now());
-        let mut this = CallPoll {
-            replies: &self.replies,
-            confirm: &mut self.confirm,
-            correlation_id: &self.correlation_id,
-            request: &self.request,
-            what: &self.what,
+        let what = self.what.clone();
+        let (mut this, _) = self.parts();
+        let outcome = match runtime::park_on(std::future::poll_fn(|cx| this.poll(cx)), limit, &what)
+        {
+            Ok(outcome) => outcome,
+            Err(err) if err.kind() == ErrorKind::Timeout => {
+                Err(no_reply(&self.what, &self.correlation_id, self.timeout))
+            }
+            Err(err) => Err(err),
         };
-        let outcome =
-            match runtime::park_on(std::future::poll_fn(|cx| this.poll(cx)), limit, &self.what) {
-                Ok(outcome) => outcome,
-                Err(err) if err.kind() == ErrorKind::Timeout => {
-                    Err(no_reply(&self.what, &self.correlation_id, self.timeout))
-                }
-                Err(err) => Err(err),
-            };
         self.replies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -164,14 +152,8 @@ impl RpcCall {
     /// for the first take.
     pub(crate) fn arm(&mut self) {
         let polled = {
-            let mut this = CallPoll {
-                replies: &self.replies,
-                confirm: &mut self.confirm,
-                correlation_id: &self.correlation_id,
-                request: &self.request,
-                what: &self.what,
-            };
-            self.source.take(AfterReady::More, |cx| this.poll(cx))
+            let (mut this, source) = self.parts();
+            source.take(AfterReady::More, |cx| this.poll(cx))
         };
         if let Poll::Ready(outcome) = polled {
             let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,6 +161,18 @@ impl RpcCall {
                 slot.outcome = Some(outcome);
             }
         }
+    }
+
+    /// What one look at the call needs, and its source, borrowed apart.
+    fn parts(&mut self) -> (CallPoll<'_>, &Source) {
+        let look = CallPoll {
+            replies: &self.replies,
+            confirm: &mut self.confirm,
+            correlation_id: &self.correlation_id,
+            request: &self.request,
+            what: &self.what,
+        };
+        (look, &self.source)
     }
 
     fn ensure_pending(&self) -> Result<()> {
