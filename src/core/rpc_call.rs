@@ -132,6 +132,7 @@ impl RpcCall {
         let limit = self.deadline.saturating_duration_since(Instant::now());
         let what = self.what.clone();
         let (mut this, _) = self.parts();
+        this.blocking = true;
         let outcome = match runtime::park_on(std::future::poll_fn(|cx| this.poll(cx)), limit, &what)
         {
             Ok(outcome) => outcome,
@@ -171,6 +172,7 @@ impl RpcCall {
             correlation_id: &self.correlation_id,
             request: &self.request,
             what: &self.what,
+            blocking: false,
         };
         (look, &self.source)
     }
@@ -218,15 +220,21 @@ struct CallPoll<'a> {
     correlation_id: &'a ShortString,
     request: &'a Outgoing,
     what: &'a str,
+    /// The look of a blocking `wait()`.
+    blocking: bool,
 }
 
 impl CallPoll<'_> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery>> {
         if let Some(confirm) = self.confirm.as_mut() {
-            match confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what) {
-                Poll::Ready(Ok(())) => *self.confirm = None,
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Pending => {}
+            let confirmed =
+                confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what);
+            if confirmed.is_ready() {
+                // A finished future must not be polled again, whatever it gave.
+                *self.confirm = None;
+            }
+            if let Poll::Ready(Err(err)) = confirmed {
+                return Poll::Ready(Err(err));
             }
         }
         let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
@@ -240,17 +248,18 @@ impl CallPoll<'_> {
         }
         let what = self.what;
         let mine = Some(self.correlation_id);
-        let pumped = match replies.source.take() {
+        // A blocking wait pumps with its own waker (the thread's), then hands the consumer
+        // back to the source (`Replies::arm`); a take that does not wait, with the source's.
+        if self.blocking {
+            return replies.pump(mine, what, cx);
+        }
+        match replies.source.take() {
             Some(source) => {
                 let pumped = source.take(AfterReady::Done, |rcx| replies.pump(mine, what, rcx));
                 replies.source = Some(source);
                 pumped
             }
             None => replies.pump(mine, what, cx),
-        };
-        match pumped {
-            Poll::Ready(outcome) => Poll::Ready(outcome),
-            Poll::Pending => Poll::Pending,
         }
     }
 }
