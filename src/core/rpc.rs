@@ -130,12 +130,11 @@ impl RpcClient {
         );
         let correlation_id = self.correlation_id(&request);
         let mut confirm = self.send(&request, &correlation_id)?;
-        let mut confirmed = false;
         let shared = self.replies.clone();
         let mut replies = shared.lock().unwrap_or_else(|p| p.into_inner());
         let watch_confirm = Cell::new(false);
         let mut poll = |cx: &mut Context<'_>| {
-            if !confirmed {
+            if let Some(pending) = confirm.as_mut() {
                 // The confirm comes before the reply: waking the PHP thread for it would
                 // cost a second wake-up per call. Only a late call (no reply within
                 // QUIET) waits for it, to report a returned request.
@@ -145,8 +144,8 @@ impl RpcClient {
                 } else {
                     &mut quiet
                 };
-                match confirmed_or_failure(confirm.as_mut().poll(confirm_cx), &request, &what) {
-                    Poll::Ready(Ok(())) => confirmed = true,
+                match confirmed_or_failure(pending.as_mut().poll(confirm_cx), &request, &what) {
+                    Poll::Ready(Ok(())) => confirm = None,
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                     Poll::Pending => {}
                 }
@@ -173,8 +172,12 @@ impl RpcClient {
     }
 
     /// Publishes `request` with `reply_to` and `correlation_id`; the future of its confirm,
-    /// polled once (which hands the frames to lapin).
-    fn send(&self, request: &Outgoing, correlation_id: &ShortString) -> Result<PublishFuture> {
+    /// polled once (which hands the frames to lapin), or None when it is confirmed already.
+    fn send(
+        &self,
+        request: &Outgoing,
+        correlation_id: &ShortString,
+    ) -> Result<Option<PublishFuture>> {
         let exchange = shortstr(&request.exchange, "exchange name")?;
         let routing_key = shortstr(&request.routing_key, "routing key")?;
         let properties: BasicProperties = request
@@ -188,19 +191,13 @@ impl RpcClient {
             immediate: false,
         };
         let body = request.body.clone();
-        let mut confirm: PublishFuture = Box::pin(async move {
+        let confirm: PublishFuture = Box::pin(async move {
             channel
                 .basic_publish(exchange, routing_key, options, &body, properties)
                 .await?
                 .await
         });
-        if let Poll::Ready(Err(e)) = confirm
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
-            return Err(Error::from_lapin(&e, "publish the RPC request"));
-        }
-        Ok(confirm)
+        first_poll(confirm, request)
     }
 
     /// Sends `request` and returns at once: the call's reply is taken from the `RpcCall`,
@@ -249,7 +246,7 @@ impl RpcClient {
             link,
             replies: self.replies.clone(),
             correlation_id,
-            confirm: Some(confirm),
+            confirm,
             request: Outgoing {
                 body: Vec::new(),
                 properties: named,
@@ -531,6 +528,25 @@ impl CallPoll<'_> {
 
 /// What the confirm of a request says: `Ok` once the broker took it, the failure if it was
 /// returned (no queue bound for it) or nacked.
+/// The outcome of a request's first poll: its confirm future while it is pending, None once
+/// the broker confirmed it, an error if it failed. A finished `async` future must not be
+/// polled again (it panics): under load the io-loop thread can write the request and read the
+/// broker's ack before the PHP thread's first poll returns, so the confirm can be there already.
+fn first_poll(mut confirm: PublishFuture, request: &Outgoing) -> Result<Option<PublishFuture>> {
+    let what = "publish the RPC request";
+    match confirmed_or_failure(
+        confirm
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop())),
+        request,
+        what,
+    ) {
+        Poll::Pending => Ok(Some(confirm)),
+        Poll::Ready(Ok(())) => Ok(None),
+        Poll::Ready(Err(err)) => Err(err),
+    }
+}
+
 fn confirmed_or_failure(
     confirm: Poll<lapin::Result<Confirmation>>,
     request: &Outgoing,
@@ -629,6 +645,18 @@ mod tests {
             body: body.to_vec(),
             properties: BasicProperties::default(),
         }
+    }
+
+    #[test]
+    fn a_request_confirmed_by_its_first_poll_is_not_polled_again() {
+        let request = request("q", b"x");
+        let acked: PublishFuture = Box::pin(async { Ok(Confirmation::Ack(None)) });
+        assert!(first_poll(acked, &request).expect("acked").is_none());
+        let pending: PublishFuture = Box::pin(std::future::pending());
+        assert!(first_poll(pending, &request).expect("pending").is_some());
+        let nacked: PublishFuture = Box::pin(async { Ok(Confirmation::Nack(None)) });
+        let err = first_poll(nacked, &request).err().expect("nacked");
+        assert_eq!(err.kind(), ErrorKind::Publish);
     }
 
     #[test]
