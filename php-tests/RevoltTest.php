@@ -247,9 +247,11 @@ final class RevoltTest extends TestCase
         $client = new Client($conn);
         $stream = $conn->readiness();
         $consumer = $conn->consumer($queue);
+        // A queue of its own for the request: in the consumed one, 'next' could take it.
+        $nobody = $this->queue($conn, 'closed-rpc');
         $results = Revolt::all([
             'consume' => static fn () => $client->consume($consumer, static fn () => null, ['idle_timeout' => 20]),
-            'rpc' => static fn () => $client->rpc('nobody answers', $queue, '', [], 20),
+            'rpc' => static fn () => $client->rpc('nobody answers', $nobody, '', [], 20),
             'next' => static fn () => $client->next($consumer, 20),
             'close' => static function () use ($conn): void {
                 Revolt::sleep(0.1);

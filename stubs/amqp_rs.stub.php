@@ -255,7 +255,8 @@ final class Producer
      * publishes are still unconfirmed. Until that is 0, the connection's readiness() stream
      * turns readable once they all are settled (or a nacked message is due for its republish).
      *
-     * @throws PublishException listing the nacked and returned messages settled since the last call
+     * @throws PublishException once none is unconfirmed, listing every message nacked or returned
+     *     since the last report (all together, as waitForConfirms() does)
      * @throws ChannelException when the broker closed the channel (e.g. 404, missing exchange)
      * @throws ConnectionException when the connection is closed, lost, or inherited through fork()
      */

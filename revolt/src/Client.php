@@ -99,9 +99,9 @@ final class Client
 
     /**
      * Producer::waitForConfirms() that suspends the fiber: returns once every publish so far is
-     * confirmed. Failures are thrown as soon as they are settled (the PublishException or
-     * ChannelException Producer::pollConfirms() throws: it lists the failures settled since the
-     * last call, and publishes still unconfirmed stay pending: call again to wait for them).
+     * confirmed. Failures come as the blocking call gives them: one PublishException listing
+     * every nacked or returned message once none is pending (Producer::pollConfirms() holds
+     * them until then), or a ChannelException at once.
      *
      * @throws TimeoutException when confirms are still missing after $timeout seconds
      */

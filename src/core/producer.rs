@@ -351,8 +351,9 @@ impl Producer {
         Ok(self.confirms.take_failures())
     }
 
-    /// Settles what the broker confirmed so far, without waiting: the failures since the last
-    /// call and how many publishes are still unconfirmed. Until none is, the connection's
+    /// Settles what the broker confirmed so far, without waiting: how many publishes are still
+    /// unconfirmed and, once none is, the failures since the last report (all together, as
+    /// `wait_for_confirms` gives them). Until none is, the connection's
     /// readiness fd is raised when they all are, or when a nacked message's republish is due.
     pub fn poll_confirms(&mut self) -> Result<(Vec<Failure>, usize)> {
         if self.source.is_none() {
@@ -381,7 +382,12 @@ impl Producer {
         if let Some(err) = self.confirms.take_channel_error() {
             return Err(err);
         }
-        Ok((self.confirms.take_failures(), self.confirms.pending()))
+        // As waitForConfirms(): the failures once nothing is pending, all in one report.
+        let pending = self.confirms.pending();
+        if pending > 0 {
+            return Ok((Vec::new(), pending));
+        }
+        Ok((self.confirms.take_failures(), 0))
     }
 
     /// Whether failures or unconfirmed publishes are waiting to be reported.
