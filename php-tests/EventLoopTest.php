@@ -89,6 +89,44 @@ final class EventLoopTest extends TestCase
         return $reply;
     }
 
+    /** Waits for the slow server's "served <correlation id>" line (its reply is confirmed by then). */
+    private function awaitServed(string $correlationId, float $timeout = 10.0): void
+    {
+        $deadline = microtime(true) + $timeout;
+        while (($left = $deadline - microtime(true)) > 0) {
+            $read = [$this->pipes[1]];
+            $w = $e = null;
+            if (stream_select($read, $w, $e, 0, (int) ceil($left * 1_000_000)) === 1) {
+                $line = fgets($this->pipes[1]);
+                $this->assertNotFalse($line, 'the slow server ended');
+                if ($line === "served $correlationId\n") {
+                    return;
+                }
+            }
+        }
+        $this->fail("the slow server did not serve $correlationId within $timeout s");
+    }
+
+    /** Asserts $stream stays unreadable for $window seconds (nothing pending must not wake a loop). */
+    private function assertStaysUnreadable($stream, string $what, float $window = 0.3): void
+    {
+        $read = [$stream];
+        $w = $e = null;
+        $this->assertSame(0, stream_select($read, $w, $e, 0, (int) ($window * 1_000_000)), $what);
+    }
+
+    /** Calls $take, which must throw an AmqpRs\Exception (not a subclass) saying the reply was already taken. */
+    private function assertAlreadyTaken(callable $take, string $what): void
+    {
+        try {
+            $take();
+            $this->fail("$what: no exception");
+        } catch (AmqpRs\Exception $e) {
+            $this->assertSame(AmqpRs\Exception::class, get_class($e), $what);
+            $this->assertStringContainsString('already taken', $e->getMessage(), $what);
+        }
+    }
+
     // --- the contract ---
 
     public function testTheStreamFollowsAConsumerFromItsFirstTakeUntilItTakesNull(): void
@@ -244,5 +282,278 @@ final class EventLoopTest extends TestCase
         $this->assertFalse(Select::readable($streamA));
         $a->close();
         $b->close();
+    }
+
+    // --- a 10 ms timer in the same loop keeps its lag under 50 ms ---
+
+    private function assertTimerKept(string $scenario, array $measured): void
+    {
+        fwrite(STDERR, sprintf(
+            "\n[EventLoopTest] %s: 10 ms timer worst lag %.2f ms over %d ticks, %d wake-ups, %.0f ms\n",
+            $scenario,
+            $measured['worst'] * 1000,
+            $measured['ticks'],
+            $measured['wakes'],
+            $measured['elapsed'] * 1000,
+        ));
+        $this->assertGreaterThan(0, $measured['ticks']);
+        $this->assertLessThan(0.050, $measured['worst'], "$scenario: worst timer lag");
+    }
+
+    public function testATimerKeepsItsLagWhileTenThousandMessagesAreConsumed(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $q = $this->exclusiveQueue($conn);
+        $producer = $conn->producer();
+        for ($i = 0; $i < 10_000; $i++) {
+            $producer->publish("m$i", $q);
+        }
+        $producer->waitForConfirms(30);
+        $consumer = $conn->consumer($q);
+        $got = 0;
+        $measured = Select::withTimer([$conn->readiness()], function () use ($consumer, &$got): void {
+            // Bounded, so that a full buffer cannot hold the timer back.
+            for ($n = 0; $n < 500 && ($m = $consumer->next(0.0)) !== null; $n++) {
+                $this->assertSame("m$got", $m->getBody());
+                $m->ack();
+                $got++;
+            }
+        }, function () use (&$got): bool {
+            return $got === 10_000;
+        }, 60);
+        $this->assertTimerKept('consume 10,000 with next(0.0)', $measured);
+        $this->assertSame(10_000, $got);
+        $this->assertNull($consumer->next(0.0));
+        $consumer->cancel();
+        $this->assertSame(0, $conn->queueStatus($q)['messages'], 'all acked');
+        $conn->close();
+    }
+
+    public function testATimerKeepsItsLagWhileTenThousandConfirmsAreTaken(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $q = $this->exclusiveQueue($conn);
+        $producer = $conn->producer();
+        $published = 0;
+        $pending = 0;
+        $measured = Select::withTimer([$conn->readiness()], function () use ($producer, $q, &$published, &$pending): void {
+            $pending = $producer->pollConfirms();
+            if ($pending === 0 && $published < 10_000) {
+                // One chunk per wake-up keeps each stretch of publish() calls short.
+                for ($n = 0; $n < 250; $n++, $published++) {
+                    $producer->publish("m$published", $q);
+                }
+                $pending = $producer->pollConfirms();
+            }
+        }, function () use (&$published, &$pending): bool {
+            return $published === 10_000 && $pending === 0;
+        }, 60);
+        $this->assertTimerKept('10,000 confirms with pollConfirms()', $measured);
+        $this->assertSame(0, $producer->pendingConfirms());
+        $this->assertSame(10_000, $conn->queueStatus($q)['messages']);
+        $conn->close();
+    }
+
+    public function testATimerKeepsItsLagWithAHundredRpcCallsToASlowServerOutstanding(): void
+    {
+        $queue = $this->slowServer(200);
+        $conn = new Connection(Broker::uri());
+        /** @var array<int, RpcCall> $calls */
+        $calls = [];
+        $replies = [];
+        $measured = Select::withTimer([$conn->readiness()], function () use ($conn, $queue, &$calls, &$replies): void {
+            for ($i = count($calls); $i < 100; $i++) {
+                $calls[$i] = $conn->rpcAsync("call $i", $queue, '', [], 10.0);
+            }
+            foreach ($calls as $i => $call) {
+                if (!$call->isDone() && ($reply = $call->poll()) !== null) {
+                    $replies[$i] = $reply;
+                }
+            }
+        }, function () use (&$replies): bool {
+            return count($replies) === 100;
+        }, 30);
+        $this->assertTimerKept('100 rpcAsync calls to a server replying after 200 ms', $measured);
+        foreach ($replies as $i => $reply) {
+            $this->assertSame("call $i", $reply->getBody());
+            $this->assertSame($calls[$i]->getCorrelationId(), $reply->getCorrelationId());
+        }
+        // Served one after the other they would take 100 x 200 ms = 20 s.
+        $this->assertLessThan(5.0, $measured['elapsed'], 'the calls were in flight together');
+        $conn->close();
+    }
+
+    // --- RPC calls in flight ---
+
+    public function testManyCallsInFlightEachGetTheirOwnReplyAndACallersCorrelationIdIsKept(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $server = new Connection(Broker::uri());
+        $serverStream = $server->readiness();
+        $q = $this->exclusiveQueue($server);
+        $serving = $server->consumer($q, ['auto_ack' => true, 'prefetch' => 500]);
+        $serving->next(0.0);
+        $mine = 'mine-' . bin2hex(random_bytes(4));
+        $calls = [$conn->rpcAsync('call 0', $q, '', ['correlation_id' => $mine], 10.0)];
+        for ($i = 1; $i < 200; $i++) {
+            $calls[$i] = $conn->rpcAsync("call $i", $q, '', [], 10.0);
+        }
+        $this->assertSame($mine, $calls[0]->getCorrelationId());
+        $this->assertCount(200, array_unique(array_map(fn (RpcCall $c) => $c->getCorrelationId(), $calls)));
+
+        $requests = [];
+        $replies = [];
+        $deadline = microtime(true) + 15;
+        while (count($replies) < 200) {
+            $this->assertLessThan($deadline, microtime(true), sprintf('%d requests, %d replies', count($requests), count($replies)));
+            $read = [$stream, $serverStream];
+            $w = $e = null;
+            stream_select($read, $w, $e, 1);
+            while (($request = $serving->next(0.0)) !== null) {
+                $requests[] = $request;
+            }
+            if (count($requests) === 200) {
+                // All in flight at once, answered in the reverse order.
+                foreach (array_reverse($requests) as $request) {
+                    $request->reply('re: ' . $request->getBody());
+                }
+                $this->assertSame($mine, $requests[0]->getCorrelationId(), 'the request carried the caller\'s id');
+                $requests = [];
+            }
+            foreach ($calls as $i => $call) {
+                if (!$call->isDone() && ($reply = $call->poll()) !== null) {
+                    $replies[$i] = $reply;
+                }
+            }
+        }
+        foreach ($calls as $i => $call) {
+            $this->assertSame("re: call $i", $replies[$i]->getBody());
+            $this->assertSame($call->getCorrelationId(), $replies[$i]->getCorrelationId());
+        }
+        $this->assertFalse(Select::readable($stream), 'every reply taken');
+        $conn->close();
+        $server->close();
+    }
+
+    public function testAnUnroutableRequestFailsFromPollWith312SoonNotAtItsTimeout(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $started = microtime(true);
+        $call = $conn->rpcAsync('anyone?', Broker::unique('rawloop-nobody'), '', [], 20.0);
+        try {
+            $this->awaitReply($call, $stream, 5.0);
+            $this->fail('an unroutable request got a reply');
+        } catch (PublishException $e) {
+            $this->assertSame(312, $e->getFailures()[0]['reply_code'], $e->getMessage());
+        }
+        $this->assertLessThan(5.0, microtime(true) - $started);
+        $this->assertTrue($call->isDone());
+        $this->assertFalse(Select::readable($stream));
+        $this->assertAlreadyTaken(fn () => $call->poll(), 'poll() after the failure');
+        $conn->close();
+    }
+
+    public function testATimedOutCallThrowsFromPollOnceTheStreamTurnedReadableAndItsOutcomeIsTakenOnce(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $q = $this->exclusiveQueue($conn);
+        $started = microtime(true);
+        $call = $conn->rpcAsync('nobody serves this', $q, '', [], 0.3);
+        try {
+            // poll() only runs when the stream is readable: a timeout seen here made it so.
+            $this->awaitReply($call, $stream, 5.0);
+            $this->fail('no server, yet a reply');
+        } catch (TimeoutException $e) {
+            $this->assertStringContainsString($call->getCorrelationId(), $e->getMessage());
+        }
+        $this->assertGreaterThanOrEqual(0.3, microtime(true) - $started);
+        $this->assertFalse(Select::readable($stream));
+        $this->assertAlreadyTaken(fn () => $call->poll(), 'poll() after the timeout');
+        $this->assertAlreadyTaken(fn () => $call->wait(), 'wait() after the timeout');
+        $conn->close();
+    }
+
+    public function testAReplyIsTakenOnceByPollOrWait(): void
+    {
+        $queue = $this->slowServer(20);
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $polled = $conn->rpcAsync('polled', $queue, '', [], 10.0);
+        $this->assertSame('polled', $this->awaitReply($polled, $stream)->getBody());
+        $this->assertAlreadyTaken(fn () => $polled->poll(), 'poll() twice');
+        $this->assertAlreadyTaken(fn () => $polled->wait(), 'wait() after poll()');
+        $waited = $conn->rpcAsync('waited', $queue, '', [], 10.0);
+        $this->assertSame('waited', $waited->wait()->getBody());
+        $this->assertTrue($waited->isDone());
+        $this->assertAlreadyTaken(fn () => $waited->wait(), 'wait() twice');
+        $this->assertAlreadyTaken(fn () => $waited->poll(), 'poll() after wait()');
+        $this->assertFalse(Select::readable($stream));
+        $conn->close();
+    }
+
+    public function testABlockingRpcWhileCallsAreInFlightLeavesTheirWakeUpAndReplies(): void
+    {
+        $queue = $this->slowServer(100);
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $calls = [];
+        for ($i = 0; $i < 5; $i++) {
+            $calls[$i] = $conn->rpcAsync("async $i", $queue, '', [], 10.0);
+        }
+        // Their replies (after 100 ms) all come while rpc() waits for its own (after 400 ms).
+        $this->assertSame('sync', $conn->rpc('sync', $queue, '', ['headers' => ['delay_ms' => 400]], 10.0)->getBody());
+        $this->assertTrue(Select::readable($stream), 'the replies that came during rpc() left the stream readable');
+        foreach ($calls as $i => $call) {
+            $this->assertSame("async $i", $call->poll()?->getBody(), "call $i's reply is there at once");
+        }
+        $this->assertFalse(Select::readable($stream));
+        $conn->close();
+    }
+
+    public function testALateReplyToATimedOutCallIsDroppedWithoutDisturbingLaterCallsOrTheStream(): void
+    {
+        $queue = $this->slowServer(200);
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $late = $conn->rpcAsync('late', $queue, '', ['headers' => ['delay_ms' => 500]], 0.2);
+        try {
+            $this->awaitReply($late, $stream);
+            $this->fail('the late call got its reply in time');
+        } catch (TimeoutException) {
+        }
+        // The late reply (at 500 ms) arrives while this call (reply at 200 + 600 ms) waits.
+        $next = $conn->rpcAsync('next', $queue, '', ['headers' => ['delay_ms' => 600]], 10.0);
+        $reply = $this->awaitReply($next, $stream);
+        $this->assertSame('next', $reply->getBody());
+        $this->assertSame($next->getCorrelationId(), $reply->getCorrelationId());
+        $this->assertFalse(Select::readable($stream));
+
+        // With no call in flight, a late reply must not leave the stream readable for good.
+        $alone = $conn->rpcAsync('alone', $queue, '', ['headers' => ['delay_ms' => 400]], 0.2);
+        try {
+            $this->awaitReply($alone, $stream);
+            $this->fail('the lone call got its reply in time');
+        } catch (TimeoutException) {
+        }
+        $this->awaitServed($alone->getCorrelationId());
+        $this->assertStaysUnreadable($stream, 'a late reply with no call in flight');
+        $this->assertSame('after', $this->awaitReply($conn->rpcAsync('after', $queue, '', [], 10.0), $stream)->getBody());
+        $conn->close();
+    }
+
+    public function testADroppedCallDoesNotKeepTheStreamReadable(): void
+    {
+        $queue = $this->slowServer(100);
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $call = $conn->rpcAsync('dropped', $queue, '', [], 10.0);
+        $id = $call->getCorrelationId();
+        unset($call);
+        $this->awaitServed($id);
+        $this->assertStaysUnreadable($stream, 'the reply of a dropped call');
+        $conn->close();
     }
 }
