@@ -235,7 +235,7 @@ impl RpcClient {
             Ok(confirm) => confirm,
             Err(err) => {
                 let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-                replies.calls.remove(&correlation_id);
+                replies.forget(&correlation_id);
                 return Err(Error::new(err.kind(), format!("{what}: {}", err.message())));
             }
         };
@@ -328,6 +328,17 @@ impl Replies {
                 }
             }
             // Else a late reply to a call that timed out or was dropped.
+        }
+    }
+
+    /// Forgets a started call that is done or dropped. With none left, the consumer's share
+    /// of the readiness fd goes too: a reply still on its way (to a call that timed out or was
+    /// dropped) would raise it with no call whose poll() lowers it, and the fd would stay
+    /// readable for good. The next started call makes a new one.
+    fn forget(&mut self, correlation_id: &ShortString) {
+        self.calls.remove(correlation_id);
+        if self.calls.is_empty() {
+            self.source = None;
         }
     }
 
@@ -466,7 +477,7 @@ impl RpcCall {
         self.timer.abort();
         self.source.lower();
         let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        replies.calls.remove(&self.correlation_id);
+        replies.forget(&self.correlation_id);
         outcome
     }
 }
@@ -476,7 +487,7 @@ impl Drop for RpcCall {
         self.timer.abort();
         if self.link.is_own() {
             let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-            replies.calls.remove(&self.correlation_id);
+            replies.forget(&self.correlation_id);
         } else if let Some(confirm) = self.confirm.take() {
             // The parent's future on the parent's channel: leaked with it.
             std::mem::forget(confirm);
