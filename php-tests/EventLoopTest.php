@@ -556,4 +556,173 @@ final class EventLoopTest extends TestCase
         $this->assertStaysUnreadable($stream, 'the reply of a dropped call');
         $conn->close();
     }
+
+    // --- lifecycle ---
+
+    public function testAfterCloseTheStreamIsReadableAndEveryTakeThrowsNamingTheClosedConnection(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $q = $this->exclusiveQueue($conn);
+        $consumer = $conn->consumer($q);
+        $this->assertNull($consumer->next(0.0));
+        $producer = $conn->producer();
+        $this->assertSame(0, $producer->pollConfirms());
+        $call = $conn->rpcAsync('unanswered', $q, '', [], 10.0);
+        $this->assertNull($call->poll());
+        $conn->close();
+
+        $this->assertTrue(Select::readable($stream), 'readable after close(), so that a loop learns of it');
+        $takes = [
+            'readiness()' => fn () => $conn->readiness(),
+            'next(0.0)' => fn () => $consumer->next(0.0),
+            'pollConfirms()' => fn () => $producer->pollConfirms(),
+            'rpcAsync()' => fn () => $conn->rpcAsync('x', $q),
+            'poll()' => fn () => $call->poll(),
+        ];
+        foreach ($takes as $what => $take) {
+            try {
+                $take();
+                $this->fail("$what on a closed connection did not throw");
+            } catch (ConnectionException $e) {
+                $this->assertStringContainsString('closed', $e->getMessage(), $what);
+                $this->assertStringContainsString(Broker::endpoint(), $e->getMessage(), $what);
+            }
+        }
+        $this->assertTrue(Select::readable($stream), 'still readable');
+    }
+
+    public function testClosingTheStreamLeavesTheConnectionAndANewStreamWorks(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $first = $conn->readiness();
+        $q = $this->exclusiveQueue($conn);
+        $consumer = $conn->consumer($q);
+        $this->assertNull($consumer->next(0.0));
+        fclose($first);
+        $this->assertTrue($conn->isConnected());
+        $second = $conn->readiness();
+        Broker::publishWithAmqplib('', $q, 2);
+        Select::awaitReadable($second, 'deliveries, on a stream made after fclose() of the first');
+        $bodies = $this->drain($consumer);
+        while (count($bodies) < 2) {
+            Select::awaitReadable($second, 'the second delivery');
+            array_push($bodies, ...$this->drain($consumer));
+        }
+        $this->assertSame(['m0', 'm1'], $bodies);
+        $this->assertFalse(Select::readable($second));
+        $conn->close();
+    }
+
+    public function testAForkedChildCannotUseTheParentsConnectionForAnEventLoopAndTheParentKeepsWorking(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $q = $this->exclusiveQueue($conn);
+        $consumer = $conn->consumer($q);
+        $this->assertNull($consumer->next(0.0));
+        $producer = $conn->producer();
+        $this->assertSame(0, $producer->pollConfirms());
+        $call = $conn->rpcAsync('unanswered', $q, '', [], 10.0);
+        // Joined to the stream in the parent, each of them is the parent's alone.
+        $status = $this->inChild(function () use ($conn, $consumer, $producer, $call, $q): bool {
+            $ok = true;
+            $takes = [
+                'readiness()' => fn () => $conn->readiness(),
+                'next(0.0)' => fn () => $consumer->next(0.0),
+                'pollConfirms()' => fn () => $producer->pollConfirms(),
+                'rpcAsync()' => fn () => $conn->rpcAsync('x', $q),
+                'poll()' => fn () => $call->poll(),
+            ];
+            foreach ($takes as $what => $take) {
+                try {
+                    $take();
+                    fwrite(STDERR, "child: $what did not throw\n");
+                    $ok = false;
+                } catch (ConnectionException $e) {
+                    if (!str_contains($e->getMessage(), 'fork()')) {
+                        fwrite(STDERR, "child: $what: {$e->getMessage()}\n");
+                        $ok = false;
+                    }
+                }
+            }
+            return $ok;
+        });
+        $this->assertSame(0, $status, 'each take in the child threw a ConnectionException about fork()');
+
+        $producer->publish('after the fork', $q);
+        $this->assertGreaterThanOrEqual(0, $producer->pollConfirms());
+        Select::awaitReadable($stream, "the parent's delivery");
+        $m = $consumer->next(0.0);
+        while ($m === null) {
+            Select::awaitReadable($stream, "the parent's delivery");
+            $m = $consumer->next(0.0);
+        }
+        $this->assertSame('after the fork', $m->getBody());
+        $m->ack();
+        while ($producer->pollConfirms() > 0) {
+            Select::awaitReadable($stream, "the parent's confirm");
+        }
+        $this->assertNull($consumer->next(0.0));
+        $this->assertNull($call->poll());
+        $this->assertFalse(Select::readable($stream));
+        $conn->close();
+    }
+
+    public function testACancelledConsumerDoesNotKeepTheStreamReadable(): void
+    {
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $q = $this->exclusiveQueue($conn);
+        $consumer = $conn->consumer($q);
+        $this->assertNull($consumer->next(0.0));
+        Broker::publishWithAmqplib('', $q, 3);
+        Select::awaitReadable($stream, 'deliveries');
+        $consumer->cancel();
+        $this->assertFalse(Select::readable($stream), 'its untaken deliveries went back to the queue');
+        $this->assertStaysUnreadable($stream, 'a cancelled consumer');
+        $conn->close();
+    }
+
+    /**
+     * close() only releases a persistent connection: the broker connection (and its readiness
+     * fd) stays in the pool for the next new Connection() with the same settings, so the stream
+     * does not turn readable, the consumer made before keeps receiving, and the next
+     * Connection's stream watches the same fd. closePersistent() closes it as close() does.
+     */
+    public function testAPersistentConnectionsStreamAfterCloseAndClosePersistent(): void
+    {
+        $options = ['persistent' => true, 'name' => Broker::unique('rawloop-persistent')];
+        $conn = new Connection(Broker::uri(), $options);
+        $stream = $conn->readiness();
+        $q = $this->exclusiveQueue($conn);
+        $consumer = $conn->consumer($q);
+        $this->assertNull($consumer->next(0.0));
+        Broker::publishWithAmqplib('', $q, 1);
+        Select::awaitReadable($stream, 'a delivery on a persistent connection');
+        $this->assertSame(['m0'], $this->drain($consumer));
+        $this->assertFalse(Select::readable($stream));
+
+        $conn->close();
+        $this->assertFalse(Select::readable($stream), 'released, not closed: nothing to tell');
+        try {
+            $conn->readiness();
+            $this->fail('readiness() after close() did not throw');
+        } catch (ConnectionException $e) {
+            $this->assertStringContainsString('pool', $e->getMessage());
+        }
+        $again = new Connection(Broker::uri(), $options);
+        $againStream = $again->readiness();
+        Broker::publishWithAmqplib('', $q, 1);
+        Select::awaitReadable($stream, 'a delivery to the consumer made before close()');
+        $this->assertTrue(Select::readable($againStream), 'the pooled connection has one fd');
+        $this->assertSame(['m0'], $this->drain($consumer));
+        $this->assertFalse(Select::readable($againStream));
+
+        $again->closePersistent();
+        $this->assertTrue(Select::readable($againStream), 'closed for good: readable');
+        $this->assertTrue(Select::readable($stream));
+        $this->expectException(ConnectionException::class);
+        $consumer->next(0.0);
+    }
 }
