@@ -623,7 +623,7 @@ final class EventLoopTest extends TestCase
         $this->assertNull($consumer->next(0.0));
         $producer = $conn->producer();
         $this->assertSame(0, $producer->pollConfirms());
-        $call = $conn->rpcAsync('unanswered', $q, '', [], 10.0);
+        $call = $conn->rpcAsync('unanswered', $this->exclusiveQueue($conn), '', [], 10.0);
         // Joined to the stream in the parent, each of them is the parent's alone.
         $status = $this->inChild(function () use ($conn, $consumer, $producer, $call, $q): bool {
             $ok = true;
