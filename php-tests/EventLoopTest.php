@@ -494,6 +494,22 @@ final class EventLoopTest extends TestCase
         $conn->close();
     }
 
+    public function testWaitReturnsWhenTheReplyComesNotAtTheCallsTimeout(): void
+    {
+        $queue = $this->slowServer(200);
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        $other = $conn->rpcAsync('other', $queue, '', [], 20.0);
+        $call = $conn->rpcAsync('waited', $queue, '', [], 20.0);
+        $started = microtime(true);
+        $this->assertSame('waited', $call->wait()->getBody());
+        // A reply 200 ms away; its timeout (20 s) is not what ended the wait.
+        $this->assertLessThan(10.0, microtime(true) - $started, 'wait() woke for the reply');
+        $this->assertSame('other', $this->awaitReply($other, $stream)->getBody());
+        $this->assertFalse(Select::readable($stream));
+        $conn->close();
+    }
+
     public function testABlockingRpcWhileCallsAreInFlightLeavesTheirWakeUpAndReplies(): void
     {
         $queue = $this->slowServer(100);
