@@ -393,6 +393,7 @@ impl RpcCall {
         let polled = {
             let source = &self.source;
             let mut this = CallPoll {
+                blocking: false,
                 replies: &self.replies,
                 confirm: &mut self.confirm,
                 correlation_id: &self.correlation_id,
@@ -417,6 +418,7 @@ impl RpcCall {
         self.link.ensure_usable("wait for an RPC reply")?;
         let limit = self.deadline.saturating_duration_since(Instant::now());
         let mut this = CallPoll {
+            blocking: true,
             replies: &self.replies,
             confirm: &mut self.confirm,
             correlation_id: &self.correlation_id,
@@ -444,6 +446,7 @@ impl RpcCall {
     fn arm(&mut self) {
         let polled = {
             let mut this = CallPoll {
+                blocking: false,
                 replies: &self.replies,
                 confirm: &mut self.confirm,
                 correlation_id: &self.correlation_id,
@@ -498,6 +501,8 @@ impl Drop for RpcCall {
 /// One look at a started call: its confirm (a returned request fails it), its slot, then the
 /// reply consumer.
 struct CallPoll<'a> {
+    /// wait(): the reply consumer must wake the waiting thread, not the readiness fd.
+    blocking: bool,
     replies: &'a Mutex<Replies>,
     confirm: &'a mut Option<PublishFuture>,
     correlation_id: &'a ShortString,
@@ -525,13 +530,17 @@ impl CallPoll<'_> {
         }
         let what = self.what;
         let mine = Some(self.correlation_id);
-        let pumped = match replies.source.take() {
-            Some(source) => {
+        let pumped = match (self.blocking, replies.source.take()) {
+            (false, Some(source)) => {
                 let pumped = source.take(AfterReady::Done, |rcx| replies.pump(mine, what, rcx));
                 replies.source = Some(source);
                 pumped
             }
-            None => replies.pump(mine, what, cx),
+            // wait() arms the consumer's source again when it is done (Replies::arm).
+            (_, source) => {
+                replies.source = source;
+                replies.pump(mine, what, cx)
+            }
         };
         match pumped {
             Poll::Ready(outcome) => Poll::Ready(outcome),
