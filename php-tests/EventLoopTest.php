@@ -510,6 +510,24 @@ final class EventLoopTest extends TestCase
         $conn->close();
     }
 
+    /**
+     * A request's confirm may already be in when rpcAsync() (or rpc()) first polls it, right
+     * after the publish: many calls one after the other make that happen at least once.
+     */
+    public function testCallsOneAfterAnotherEachGetTheirReplyHoweverSoonTheirRequestIsConfirmed(): void
+    {
+        $queue = $this->slowServer(0);
+        $conn = new Connection(Broker::uri());
+        $stream = $conn->readiness();
+        for ($i = 0; $i < 300; $i++) {
+            $this->assertSame("waited $i", $conn->rpcAsync("waited $i", $queue, '', [], 10.0)->wait()->getBody());
+            $this->assertSame("polled $i", $this->awaitReply($conn->rpcAsync("polled $i", $queue, '', [], 10.0), $stream)->getBody());
+            $this->assertSame("blocking $i", $conn->rpc("blocking $i", $queue, '', [], 10.0)->getBody());
+        }
+        $this->assertFalse(Select::readable($stream));
+        $conn->close();
+    }
+
     public function testABlockingRpcWhileCallsAreInFlightLeavesTheirWakeUpAndReplies(): void
     {
         $queue = $this->slowServer(100);

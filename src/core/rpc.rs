@@ -194,13 +194,15 @@ impl RpcClient {
                 .await?
                 .await
         });
-        if let Poll::Ready(Err(e)) = confirm
+        match confirm
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
         {
-            return Err(Error::from_lapin(&e, "publish the RPC request"));
+            Poll::Ready(Err(e)) => Err(Error::from_lapin(&e, "publish the RPC request")),
+            // Already confirmed (or returned): the finished future must not be polled again.
+            Poll::Ready(Ok(confirmation)) => Ok(Box::pin(std::future::ready(Ok(confirmation)))),
+            Poll::Pending => Ok(confirm),
         }
-        Ok(confirm)
     }
 
     /// Sends `request` and returns at once: the call's reply is taken from the `RpcCall`,
@@ -513,10 +515,14 @@ struct CallPoll<'a> {
 impl CallPoll<'_> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery>> {
         if let Some(confirm) = self.confirm.as_mut() {
-            match confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what) {
-                Poll::Ready(Ok(())) => *self.confirm = None,
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Pending => {}
+            let confirmed =
+                confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what);
+            if confirmed.is_ready() {
+                // Finished: polled again, the future would panic.
+                *self.confirm = None;
+            }
+            if let Poll::Ready(Err(err)) = confirmed {
+                return Poll::Ready(Err(err));
             }
         }
         let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
