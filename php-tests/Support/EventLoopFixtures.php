@@ -44,7 +44,8 @@ trait EventLoopFixtures
     {
         $queue = Broker::unique('rawloop-rpc');
         $admin = new Connection(Broker::uri());
-        $admin->declareQueue($queue, ['durable' => false]);
+        // Durable: RabbitMQ 4 deprecates transient queues that are not exclusive; tearDown deletes it.
+        $admin->declareQueue($queue);
         $admin->close();
         $this->queues[] = $queue;
         $cmd = [PHP_BINARY, '-d', 'extension=' . Broker::extensionPath(), __DIR__ . '/slow_rpc_server.php', $queue, (string) $delayMs];
