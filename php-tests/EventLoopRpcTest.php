@@ -156,7 +156,10 @@ final class EventLoopRpcTest extends TestCase
         $conn = new Connection(Broker::uri());
         $stream = $conn->readiness();
         for ($i = 0; $i < 300; $i++) {
-            $this->assertSame("waited $i", $conn->rpcAsync("waited $i", $queue, '', [], 10.0)->wait()->getBody());
+            // A wait() that missed its reply would sleep to the call's timeout: fail at the first.
+            $started = microtime(true);
+            $this->assertSame("waited $i", $conn->rpcAsync("waited $i", $queue, '', [], 3.0)->wait()->getBody());
+            $this->assertLessThan(1.5, microtime(true) - $started, "wait() of call $i woke for its reply");
             $this->assertSame("polled $i", $this->awaitReply($conn->rpcAsync("polled $i", $queue, '', [], 10.0), $stream)->getBody());
             $this->assertSame("blocking $i", $conn->rpc("blocking $i", $queue, '', [], 10.0)->getBody());
         }
