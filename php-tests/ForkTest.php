@@ -2,45 +2,18 @@
 
 declare(strict_types=1);
 
+require_once __DIR__ . '/Support/ForkedChild.php';
+
 use AmqpRs\Connection;
 use AmqpRs\ConnectionException;
 use AmqpRs\Tests\Support\Broker;
+use AmqpRs\Tests\Support\ForkedChild;
 use PHPUnit\Framework\TestCase;
 
 /** A Tokio runtime does not survive fork(); the extension must rebuild its own in a child. */
 final class ForkTest extends TestCase
 {
-    /** Runs $child in a forked process; returns its exit status (0 = ok). */
-    private function inChild(callable $child): int
-    {
-        $pid = pcntl_fork();
-        $this->assertNotSame(-1, $pid, 'fork failed');
-        if ($pid === 0) {
-            $code = 70;
-            try {
-                $code = $child() ? 0 : 1;
-            } catch (Throwable $e) {
-                fwrite(STDERR, 'child: ' . get_class($e) . ': ' . $e->getMessage() . "\n");
-                $code = 2;
-            }
-            // End without PHPUnit's shutdown handlers, which belong to the parent: SIGUSR1 says
-            // success, SIGKILL failure.
-            posix_kill(getmypid(), $code === 0 ? SIGUSR1 : SIGKILL);
-            exit($code);
-        }
-        $alarm = time() + 30;
-        while (pcntl_waitpid($pid, $status, WNOHANG) === 0) {
-            if (time() > $alarm) {
-                posix_kill($pid, SIGKILL);
-                $this->fail('child hung');
-            }
-            usleep(20_000);
-        }
-        if (pcntl_wifsignaled($status)) {
-            return pcntl_wtermsig($status) === SIGUSR1 ? 0 : 100 + pcntl_wtermsig($status);
-        }
-        return pcntl_wexitstatus($status);
-    }
+    use ForkedChild;
 
     public function testChildOpensItsOwnConnectionAndParentKeepsWorking(): void
     {

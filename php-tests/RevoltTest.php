@@ -74,7 +74,7 @@ final class RevoltTest extends TestCase
     {
         $queue = $this->queue($this->conn ?? $this->connect(), 'rpc');
         $this->server = proc_open(
-            [PHP_BINARY, '-d', 'extension=' . Broker::extensionPath(), __DIR__ . '/Support/slow_rpc_server.php', $queue, (string) (int) (self::SERVER_DELAY * 1000)],
+            [PHP_BINARY, '-d', 'extension=' . Broker::extensionPath(), __DIR__ . '/Support/slow_rpc_server.php', $queue, (string) (int) (self::SERVER_DELAY * 1000), '120', 're: '],
             [1 => ['pipe', 'w'], 2 => ['pipe', 'w']],
             $this->serverPipes,
         );

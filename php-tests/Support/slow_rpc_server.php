@@ -1,41 +1,45 @@
 <?php
-// An RPC server for RevoltTest that answers each request DELAY_MS after it came, without
-// serialising them: a plain stream_select loop on the connection's readiness stream (no
-// Revolt), taking with next(0.0) and replying to each request once its time is up.
-// Args: queue delay_ms. Prints "ready" once it consumes, "served <n>" when it ends (SIGTERM).
-// The reply: body "re: <request body>".
+// An RPC server for the event-loop tests (EventLoop*Test, RevoltTest) that never serialises
+// its requests: it takes them with Consumer::next(0.0) in a stream_select loop on the
+// connection's readiness stream and answers each one DELAY_MS after it arrived, echoing its body
+// (after the prefix), from a list of replies that are due. A request header delay_ms overrides
+// the delay; a body starting with "noreply" is only acked.
+// Args: queue [delay_ms (200)] [idle_timeout_s (20)] [reply prefix ('')]. Prints "ready" once
+// it is subscribed, "served <correlation_id>" per reply; returns after idle_timeout without a
+// request, or dies on SIGTERM.
 declare(strict_types=1);
 
-[, $queue, $delayMs] = $argv;
-$delay = (int) $delayMs / 1000;
-$stop = false;
-pcntl_async_signals(true);
-pcntl_signal(SIGTERM, function () use (&$stop): void {
-    $stop = true;
-});
+$queue = $argv[1];
+$delay = (int) ($argv[2] ?? 200);
+$idle = (float) ($argv[3] ?? 20);
+$prefix = $argv[4] ?? '';
 
 $conn = new AmqpRs\Connection(getenv('AMQP_RS_TEST_URI') ?: 'amqp://guest:guest@127.0.0.1:5672/%2f', ['name' => 'slow_rpc_server']);
-$consumer = $conn->consumer($queue, ['prefetch' => 1000, 'auto_ack' => true]);
+$consumer = $conn->consumer($queue, ['prefetch' => 1000]);
 $ready = $conn->readiness();
-$due = new SplQueue(); // [time, message], in arrival order: the same delay keeps them sorted
-$served = 0;
-$consumer->next(0.0);
+/** @var list<array{float, AmqpRs\Message}> $due replies to send, by when */
+$due = [];
+$last = microtime(true);
 echo "ready\n";
-while (!$stop) {
-    $now = hrtime(true) / 1e9;
-    while (!$due->isEmpty() && $due->bottom()[0] <= $now) {
-        [, $m] = $due->dequeue();
-        $m->reply('re: ' . $m->getBody());
-        $served++;
+while (microtime(true) - $last < $idle) {
+    while (($m = $consumer->next(0.0)) !== null) {
+        $last = microtime(true);
+        if (str_starts_with($m->getBody(), 'noreply')) {
+            $m->ack();
+            continue;
+        }
+        $due[] = [$last + (int) $m->getHeader('delay_ms', $delay) / 1000, $m];
     }
-    $wait = $due->isEmpty() ? 0.5 : max(0.0, $due->bottom()[0] - $now);
+    usort($due, fn (array $a, array $b) => $a[0] <=> $b[0]);
+    while ($due !== [] && $due[0][0] <= microtime(true)) {
+        [, $m] = array_shift($due);
+        $m->reply($prefix . $m->getBody());
+        $m->ack();
+        echo 'served ', $m->getCorrelationId(), "\n";
+    }
+    $wait = $due === [] ? 1.0 : max(0.0, $due[0][0] - microtime(true));
     $read = [$ready];
     $w = $e = null;
-    if (@stream_select($read, $w, $e, (int) $wait, (int) (fmod($wait, 1.0) * 1e6)) > 0) {
-        while ($m = $consumer->next(0.0)) {
-            $due->enqueue([hrtime(true) / 1e9 + $delay, $m]);
-        }
-    }
+    stream_select($read, $w, $e, 0, (int) ($wait * 1_000_000));
 }
-echo "served $served\n";
 $conn->close();

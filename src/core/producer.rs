@@ -356,8 +356,11 @@ impl Producer {
     /// `wait_for_confirms` gives them). Until none is, the connection's
     /// readiness fd is raised when they all are, or when a nacked message's republish is due.
     pub fn poll_confirms(&mut self) -> Result<(Vec<Failure>, usize)> {
+        // Checked at every call, not only the first: after close() the fd stays readable, so
+        // a loop would spin on a take that kept returning 0; a forked child must not poll the
+        // parent's futures.
+        let readiness = self.link.readiness("take publisher confirms")?;
         if self.source.is_none() {
-            let readiness = self.link.readiness("take publisher confirms")?;
             self.source = Some(readiness.source());
         }
         // Republishing waits for the channel: not while lapin recovers the connection.

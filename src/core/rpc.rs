@@ -268,6 +268,17 @@ impl Replies {
         err
     }
 
+    /// Forgets a started call that is done or dropped. With none left, the consumer's share
+    /// of the readiness fd goes too: a reply still on its way (to a call that timed out or was
+    /// dropped) would raise it with no call whose poll() lowers it, and the fd would stay
+    /// readable for good. The next started call makes a new one.
+    pub(crate) fn forget(&mut self, correlation_id: &ShortString) {
+        self.calls.remove(correlation_id);
+        if self.calls.is_empty() {
+            self.source = None;
+        }
+    }
+
     /// Routes what came and leaves the consumer raising the readiness fd, while started calls
     /// await their replies.
     pub(crate) fn arm(&mut self, what: &str) {

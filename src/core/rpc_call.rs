@@ -64,7 +64,7 @@ impl RpcCall {
             Ok(confirm) => confirm,
             Err(err) => {
                 let mut replies = client.replies.lock().unwrap_or_else(|p| p.into_inner());
-                replies.calls.remove(&correlation_id);
+                replies.forget(&correlation_id);
                 return Err(Error::new(err.kind(), format!("{what}: {}", err.message())));
             }
         };
@@ -194,7 +194,7 @@ impl RpcCall {
         self.timer.abort();
         self.source.lower();
         let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        replies.calls.remove(&self.correlation_id);
+        replies.forget(&self.correlation_id);
         outcome
     }
 }
@@ -204,7 +204,7 @@ impl Drop for RpcCall {
         self.timer.abort();
         if self.link.is_own() {
             let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-            replies.calls.remove(&self.correlation_id);
+            replies.forget(&self.correlation_id);
         } else if let Some(confirm) = self.confirm.take() {
             // The parent's future on the parent's channel: leaked with it.
             std::mem::forget(confirm);
