@@ -494,7 +494,11 @@ impl CallPoll<'_> {
         if let Some(confirm) = self.confirm.as_mut() {
             match confirmed_or_failure(confirm.as_mut().poll(cx), self.request, self.what) {
                 Poll::Ready(Ok(())) => *self.confirm = None,
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Err(err)) => {
+                    // Finished: arm() keeps this outcome for the first take, which polls again.
+                    *self.confirm = None;
+                    return Poll::Ready(Err(err));
+                }
                 Poll::Pending => {}
             }
         }
