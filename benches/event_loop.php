@@ -6,7 +6,7 @@
 // runs it in the sid root through `scripts/matrix.sh --run`, against the root's RabbitMQ 4.3.
 //
 //   php -d extension=amqp_rs.so benches/event_loop.php [--rounds=3] [--so=PATH] [--json=PATH]
-//       [--calls=5000] [--delayed-calls=250] [--concurrency=50] [--uri=amqp://...]
+//       [--calls=5000] [--delayed-calls=250] [--concurrency=50] [--uri=amqp://...] [--commit=ID]
 //
 // The server (clients/e1_server.php) is one amqp_rs process that answers requests
 // concurrently (readiness() + Consumer::next(0.0) on a stream_select() loop, a list of replies
@@ -29,7 +29,7 @@ declare(strict_types=1);
 
 require_once __DIR__ . '/process.php';
 
-$opts = getopt('', ['rounds:', 'so:', 'json:', 'calls:', 'delayed-calls:', 'concurrency:', 'uri:']);
+$opts = getopt('', ['rounds:', 'so:', 'json:', 'calls:', 'delayed-calls:', 'concurrency:', 'uri:', 'commit:']);
 $rounds = max(1, (int) ($opts['rounds'] ?? 3));
 $so = realpath($opts['so'] ?? __DIR__ . '/../target/release/libamqp_rs.so') ?: '';
 $jsonPath = $opts['json'] ?? __DIR__ . '/results/event-loop-latest.json';
@@ -153,6 +153,8 @@ foreach ($failures as $f) {
 @mkdir(dirname($jsonPath), 0777, true);
 file_put_contents($jsonPath, json_encode([
     'when' => date('c'),
+    // The root has no git: run.php passes the clone's commit.
+    'commit' => $opts['commit'] ?? (trim((string) shell_exec('git -C ' . escapeshellarg(__DIR__) . ' rev-parse --short=12 HEAD 2>/dev/null')) ?: 'unknown'),
     'host' => php_uname('n') . ', ' . trim((string) shell_exec('nproc')) . ' cores',
     'php' => PHP_VERSION,
     'revolt' => trim((string) shell_exec("dpkg-query -W -f '\${Version}' php-revolt-event-loop 2>/dev/null")) ?: 'unknown',

@@ -43,8 +43,11 @@ function e1_relative(string $clone, string $out): ?string
 function e1_run(string $clone, string $out, int $rounds, ?int $calls): int
 {
     $json = '$SRC/' . e1_relative($clone, $out) . '/event-loop-latest.json';
+    $commit = trim((string) shell_exec('git -C ' . escapeshellarg($clone) . ' rev-parse --short=12 HEAD 2>/dev/null'));
+    $dirty = trim((string) shell_exec('git -C ' . escapeshellarg($clone) . ' status --porcelain --untracked-files=no -- . :!benches/results 2>/dev/null')) !== '';
     $inner = 'exec php -d extension="$EXT" "$SRC/benches/event_loop.php" --so="$EXT" --rounds=' . $rounds
-        . ' --json="' . $json . '"' . ($calls !== null ? " --calls=$calls" : '');
+        . ' --json="' . $json . '"' . ($calls !== null ? " --calls=$calls" : '')
+        . ' --commit=' . escapeshellarg(($commit ?: 'unknown') . ($dirty ? '+changes' : ''));
     $p = proc_open(["$clone/scripts/matrix.sh", '--run', 'sh', '-c', $inner], [1 => STDERR, 2 => STDERR], $pipes);
     return $p === false ? 127 : proc_close($p);
 }
@@ -55,7 +58,8 @@ function e1_markdown(array $bench): array
     $num = fn (?float $x) => $x === null ? '–' : ($x >= 100 ? number_format($x) : (string) round($x, 3));
     $range = fn (array $rows, string $k) => count($rows) > 1
         ? $num(min(array_column($rows, $k))) . '–' . $num(max(array_column($rows, $k))) : '–';
-    $md = [sprintf('## E1: RPC calls from one process, Revolt fibers against one after another (measured %s, sid root)', substr($bench['when'], 0, 16)), ''];
+    $md = [sprintf('## E1: RPC calls from one process, Revolt fibers against one after another (measured %s at `%s`, sid root)',
+        substr($bench['when'], 0, 16), $bench['commit'] ?? '?'), ''];
     $md[] = sprintf('PHP %s, Revolt %s, php-amqplib %s, RabbitMQ %s; %s; load average %s before, %s after (%.0f s).', $bench['php'],
         $bench['revolt'], $bench['php-amqplib'], $bench['rabbitmq'], $bench['host'], explode(' ', $bench['load_average']['before'])[0],
         explode(' ', $bench['load_average']['after'])[0], $bench['duration_s']);

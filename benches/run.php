@@ -389,13 +389,13 @@ if (!isset($opts['report-only'])) {
     // E1, in the sid root (report_event_loop.php); a machine without it skips E1 with a note.
     if ($selected('E1') && $e1Mode === 'run') {
         if (($why = e1_unavailable($root, $out)) !== null) {
-            $notes[] = "E1 not run: $why; its table below, if any, is from an earlier run";
+            $notes[] = "E1 not run: $why; the E1 table, if any, is from an earlier run";
             progress("E1     skipped: $why");
         } else {
             $childrenRun[] = 'E1';
             progress('E1     running benches/event_loop.php in the sid root (scripts/matrix.sh --run)');
             if (($code = e1_run($root, $out, $rounds, isset($opts['e1-calls']) ? (int) $opts['e1-calls'] : null)) !== 0) {
-                $notes[] = "E1: scripts/matrix.sh --run ... event_loop.php exited $code; its table below may hold failures or be from an earlier run";
+                $notes[] = "E1: scripts/matrix.sh --run ... event_loop.php exited $code; the E1 table may hold failures or be from an earlier run";
                 $failures[] = ['scenario' => 'E1', 'client' => '-', 'round' => 0, 'error' => "benches/event_loop.php in the sid root exited $code"];
             }
         }
