@@ -65,7 +65,8 @@ final class RevoltTest extends TestCase
 
     private function queue(Connection $conn, string $what): string
     {
-        return $this->queues[] = $conn->declareQueue(Broker::unique("revolt-$what"), ['durable' => false, 'auto_delete' => false]);
+        // Durable: RabbitMQ 4 deprecates transient queues that are not exclusive.
+        return $this->queues[] = $conn->declareQueue(Broker::unique("revolt-$what"), ['durable' => true, 'auto_delete' => false]);
     }
 
     /** Starts Support/slow_rpc_server.php on a queue of its own; returns the queue. */
@@ -138,7 +139,7 @@ final class RevoltTest extends TestCase
                 $waited = [];
                 for ($i = 0; $i < 10_000; $i++) {
                     $producer->publish("m$i", $queue);
-                    if ($i % 200 === 199 && $i < 9_999) {
+                    if ($i % 100 === 99 && $i < 9_999) {
                         // publish() blocks the thread while 2000 are unconfirmed (the
                         // producer's window): wait for them in the fiber before that.
                         if ($producer->pendingConfirms() >= 1_000) {

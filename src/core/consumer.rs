@@ -255,6 +255,11 @@ impl Consumer {
             }
             State::Subscribed => self.link.ensure_usable("consume")?,
         }
+        if !limit.is_zero() {
+            // A blocking take leaves the readiness stream (until the next take that does not
+            // wait): a source raised before would keep the fd readable with no one to lower it.
+            self.source = None;
+        }
         let start = self.next_stream;
         let mut ready = Some(if limit.is_zero() {
             // A non-blocking take: lapin raises the readiness fd when the next one arrives.

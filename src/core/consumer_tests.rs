@@ -189,3 +189,41 @@ fn deleting_the_queue_ends_consumption_with_an_error() {
         .expect("cancelled");
     assert!(err.message().contains(&queue), "{}", err.message());
 }
+
+#[test]
+fn a_blocking_take_leaves_the_readiness_stream() {
+    let mut conn = connect();
+    let queue = temp_queue(&mut conn, "readiness.leave");
+    let mut consumer = conn
+        .consumer(std::slice::from_ref(&queue), &ConsumerOptions::default())
+        .expect("consumer");
+    let readiness = consumer.link().readiness("test").expect("readiness");
+    assert!(consumer
+        .next(Duration::ZERO, false)
+        .expect("join")
+        .is_none());
+    publish(&mut conn, &queue, 2);
+    eventually("a delivery raises the stream", || readiness.is_readable());
+    for _ in 0..2 {
+        let delivery = next_message(&mut consumer, false).expect("delivery");
+        delivery.settle(Settlement::Ack, "ack").expect("ack");
+    }
+    assert!(next_message(&mut consumer, false).is_none());
+    assert!(
+        !readiness.is_readable(),
+        "the blocking takes left the stream: nothing keeps it readable"
+    );
+    publish(&mut conn, &queue, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !readiness.is_readable(),
+        "off the stream until a take that does not wait"
+    );
+    assert!(consumer
+        .next(Duration::ZERO, false)
+        .expect("rejoin")
+        .is_some());
+    consumer.cancel().expect("cancel");
+    drop(consumer);
+    conn.delete_queue(&queue, false, false).expect("delete");
+}

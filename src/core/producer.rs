@@ -287,6 +287,9 @@ impl Producer {
     /// One wait for the whole batch: the PHP thread parks and is woken as confirms arrive,
     /// instead of crossing threads once per message; the runtime's workers are not involved.
     fn wait_until(&mut self, keep: usize, limit: Duration) -> Result<()> {
+        // A blocking wait leaves the readiness stream until the next pollConfirms(): the
+        // confirms it settles would leave the source raised with no one to lower it.
+        self.source = None;
         let context = format!("wait for publisher confirms on {}", self.link.endpoint());
         let deadline = Instant::now() + limit;
         loop {

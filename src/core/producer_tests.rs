@@ -141,3 +141,30 @@ fn close_reports_failures_the_caller_never_collected() {
     assert_eq!(err.failures().len(), 1);
     assert!(!conn.is_connected());
 }
+
+#[test]
+fn a_blocking_wait_for_confirms_leaves_the_readiness_stream() {
+    let mut conn = connect();
+    let queue = temp_queue(&mut conn);
+    let producer = conn.producer(ProducerOptions::default()).expect("producer");
+    let mut producer = producer.lock().expect("lock");
+    let readiness = producer.link.readiness("test").expect("readiness");
+    for i in 0..200u32 {
+        producer
+            .publish(message("", &queue, &i.to_be_bytes()))
+            .expect("publish");
+    }
+    // Joins the stream with confirms outstanding: their arrival would raise it.
+    let (_, pending) = producer.poll_confirms().expect("poll");
+    assert!(pending > 0, "confirms still to come");
+    crate::core::testing::eventually("the confirms raise the stream", || readiness.is_readable());
+    // Then settled by a blocking wait instead of pollConfirms().
+    producer
+        .wait_for_confirms(Duration::from_secs(10))
+        .expect("confirms");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !readiness.is_readable(),
+        "the blocking wait left the stream: its settled confirms do not keep it readable"
+    );
+}
