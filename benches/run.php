@@ -6,7 +6,8 @@
 //
 //   php benches/run.php [--rounds=3] [--only=P1,C1-64K,R1,M1,L1,S1] [--clients=amqp_rs,lapin]
 //       [--count=N] [--m1-count=N] [--so=PATH] [--lapin=PATH] [--out=DIR] [--l1=run|json|off]
-//       [--l1-jobs=N] [--web-requests=N] [--s1=run|json|off] [--s1-messages=N] [--report-only]
+//       [--l1-jobs=N] [--web-requests=N] [--s1=run|json|off] [--s1-messages=N] [--e1=run|json|off]
+//       [--e1-calls=N] [--report-only]
 //
 // Scenarios (the counts are the defaults; --count=N sets every count at once, for a quick run):
 //   P1, P2, P3          publish 100 B persistent: no confirms / confirms, one wait at the end /
@@ -41,6 +42,16 @@
 //                       transport (php-amqp) and its Doctrine transport (sqlite): runs
 //                       benches/symfony.php likewise (results/symfony-latest.json); --s1=json
 //                       only reads that file, --s1=off leaves S1 out.
+//   E1                  RPC calls from one process: 50 Revolt fibers (amqp-rs/revolt's
+//                       Client::rpc()) against the same calls one after another and against
+//                       php-amqplib's blocking RPC, to a server answering at once and one answering
+//                       after 20 ms: runs benches/event_loop.php with the same --rounds in the
+//                       Debian sid root (the only place with Revolt), through `scripts/matrix.sh
+//                       --run` (needs root; builds the extension there, its own RabbitMQ 4.3, waits
+//                       for the matrix lock), and includes results/event-loop-latest.json.
+//                       Skipped with a note where that root does not exist (`make matrix` makes
+//                       it). --e1-calls=N: timed calls against the echo server (default 5 000);
+//                       --e1=json only reads the file, --e1=off leaves E1 out.
 //
 // Clients: amqp_rs (--so), php-amqp (the C extension), php-amqplib (pure PHP), raw (AMQP
 // written by hand on a plain socket, clients/raw_amqp.php: a ratio it cannot reach is ruled out
@@ -66,9 +77,10 @@
 declare(strict_types=1);
 
 require_once __DIR__ . '/process.php';
+require_once __DIR__ . '/report_event_loop.php';
 
 $opts = getopt('', ['count:', 'rounds:', 'only:', 'clients:', 'so:', 'lapin:', 'm1-count:', 'out:', 'l1:',
-    'l1-jobs:', 'web-requests:', 's1:', 's1-messages:', 'report-only']);
+    'l1-jobs:', 'web-requests:', 's1:', 's1-messages:', 'e1:', 'e1-calls:', 'report-only']);
 $root = dirname(__DIR__);
 $so = $opts['so'] ?? "$root/target/release/libamqp_rs.so";
 $lapin = $opts['lapin'] ?? "$root/target/release/lapin_baseline";
@@ -76,6 +88,7 @@ $rounds = max(1, (int) ($opts['rounds'] ?? 3));
 $out = rtrim($opts['out'] ?? __DIR__ . '/results', '/');
 $l1Mode = $opts['l1'] ?? 'run';
 $s1Mode = $opts['s1'] ?? 'run';
+$e1Mode = $opts['e1'] ?? 'run';
 $only = isset($opts['only']) ? explode(',', $opts['only']) : null;
 $m1Count = (int) ($opts['m1-count'] ?? 1_000_000);
 
@@ -206,6 +219,7 @@ $failures = [];
 $started = microtime(true);
 $loadBefore = sh('cat /proc/loadavg');
 $measured = [];      // scenario => ['what', 'count', 'size', 'clients' => client => [rounds]]
+$childrenRun = [];   // scenarios run by another script whose earlier failures this run replaces
 
 if (!isset($opts['report-only'])) {
     foreach ($scenarios as $name => $s) {
@@ -321,9 +335,12 @@ if (!isset($opts['report-only'])) {
                 'clients' => $memory], JSON_PRETTY_PRINT | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE) . "\n");
         }
     }
+    // Only after a run that used them: another run may be using them now.
     try {
-        run([...$php['amqp_rs'], '-r', '$c = new AmqpRs\Connection(); foreach (array_slice($argv, 1) as $q) $c->deleteQueue($q); echo "{}";',
-            $queue, $consumeQueue, $rpcQueue]);
+        if ($measured || $selected('M1')) {
+            run([...$php['amqp_rs'], '-r', '$c = new AmqpRs\Connection(); foreach (array_slice($argv, 1) as $q) $c->deleteQueue($q); echo "{}";',
+                $queue, $consumeQueue, $rpcQueue]);
+        }
     } catch (Throwable $e) {
         $notes[] = 'could not delete the bench queues: ' . $e->getMessage();
     }
@@ -366,6 +383,21 @@ if (!isset($opts['report-only'])) {
             $notes[] = "$name: " . basename($args[0]) . " exited $code; its tables below may hold failures or be from an earlier run: "
                 . substr(trim($childOut), -300);
             $failures[] = ['scenario' => $name, 'client' => '-', 'round' => 0, 'error' => basename($args[0]) . " exited $code"];
+        }
+    }
+
+    // E1, in the sid root (report_event_loop.php); a machine without it skips E1 with a note.
+    if ($selected('E1') && $e1Mode === 'run') {
+        if (($why = e1_unavailable($root, $out)) !== null) {
+            $notes[] = "E1 not run: $why; the E1 table, if any, is from an earlier run";
+            progress("E1     skipped: $why");
+        } else {
+            $childrenRun[] = 'E1';
+            progress('E1     running benches/event_loop.php in the sid root (scripts/matrix.sh --run)');
+            if (($code = e1_run($root, $out, $rounds, isset($opts['e1-calls']) ? (int) $opts['e1-calls'] : null)) !== 0) {
+                $notes[] = "E1: scripts/matrix.sh --run ... event_loop.php exited $code; the E1 table may hold failures or be from an earlier run";
+                $failures[] = ['scenario' => 'E1', 'client' => '-', 'round' => 0, 'error' => "benches/event_loop.php in the sid root exited $code"];
+            }
         }
     }
 }
@@ -472,10 +504,12 @@ if (!isset($opts['report-only'])) {
         $report['duration_s'] = round(microtime(true) - $started, 1);
         $report['notes'] = $notes;
     } else {
-        $report['notes'] = [...($report['notes'] ?? []), ...$notes];
+        // A note about a scenario run again ("E1: ...", "E1 not run: ...") is replaced by this run's.
+        $kept = array_filter($report['notes'] ?? [], fn ($n) => !in_array(strtok($n, ' :'), $childrenRun, true));
+        $report['notes'] = array_values(array_unique([...$kept, ...$notes]));
     }
     $report['failures'] = array_merge($only !== null ? array_values(array_filter($report['failures'] ?? [],
-        fn ($f) => !isset($measured[$f['scenario']]))) : [], $failures);
+        fn ($f) => !isset($measured[$f['scenario']]) && !in_array($f['scenario'], $childrenRun, true))) : [], $failures);
     foreach ($measured as $name => $m) {
         if (!$m['clients']) {
             continue;
@@ -494,6 +528,8 @@ $report['L1'] = $l1Mode !== 'off' && is_file("$out/laravel-latest.json")
     ? json_decode((string) file_get_contents("$out/laravel-latest.json"), true) : null;
 $report['W'] = is_file("$out/web-latest.json") ? json_decode((string) file_get_contents("$out/web-latest.json"), true) : null;
 $report['MICRO'] = is_file("$out/micro-latest.json") ? json_decode((string) file_get_contents("$out/micro-latest.json"), true) : null;
+$report['E1'] = $e1Mode !== 'off' && is_file("$out/event-loop-latest.json")
+    ? json_decode((string) file_get_contents("$out/event-loop-latest.json"), true) : null;
 $report['S1'] = $s1Mode !== 'off' && is_file("$out/symfony-latest.json")
     ? json_decode((string) file_get_contents("$out/symfony-latest.json"), true) : null;
 
@@ -633,6 +669,9 @@ if ($report['L1'] && isset($report['L1']['medians'])) {
 }
 if (($report['S1'] ?? null) && isset($report['S1']['medians'])) {
     array_push($md, ...frameworkTable($report['S1'], "S1: Symfony `messenger:consume`, amqp-rs transport against Symfony's AMQP and Doctrine transports", 'transport'));
+}
+if (($report['E1'] ?? null) && ($report['E1']['medians'] ?? [])) {
+    array_push($md, ...e1_markdown($report['E1']));
 }
 require_once __DIR__ . '/report_web.php';
 if ($report['W'] && ($report['W']['scenarios'] ?? [])) {
