@@ -253,7 +253,8 @@ final class Producer
     /**
      * Settles what the broker has confirmed so far, without waiting, and returns how many
      * publishes are still unconfirmed. Until that is 0, the connection's readiness() stream
-     * turns readable once they all are settled (or a nacked message is due for its republish).
+     * turns readable once they all are settled (or a nacked message is due for its republish);
+     * it may turn readable once before, when the last publish is written, with nothing new.
      *
      * @throws PublishException once none is unconfirmed, listing every message nacked or returned
      *     since the last report (all together, as waitForConfirms() does)
