@@ -397,8 +397,10 @@ mod tests {
     #[test]
     fn a_call_gets_its_own_reply_and_late_replies_are_dropped() {
         let mut server = connect();
+        // Durable, as RabbitMQ 4 deprecates transient queues that are not exclusive; deleted
+        // with its consumer (auto-delete).
         let spec = QueueSpec {
-            durable: false,
+            durable: true,
             auto_delete: true,
             ..QueueSpec::default()
         };

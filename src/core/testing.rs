@@ -58,11 +58,13 @@ pub(crate) fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// A fresh, empty, non-durable queue that outlives the connection (delete it after use).
+/// A fresh, empty, durable queue that outlives the connection (delete it after use).
 pub(crate) fn temp_queue(conn: &mut Connection, prefix: &str) -> String {
     let queue = unique(prefix);
+    // Durable (the tests delete it): RabbitMQ 4 deprecates transient queues that are not
+    // exclusive, and these are used from a second connection, which an exclusive one refuses.
     let spec = QueueSpec {
-        durable: false,
+        durable: true,
         auto_delete: false,
         ..QueueSpec::default()
     };
