@@ -22,6 +22,12 @@ final class ConsumerTest extends TestCase
 
     protected function tearDown(): void
     {
+        // Closed first: left open, its recovery from a later test's broker restart
+        // (RecoveryTest) would declare the queue again after it is deleted below.
+        try {
+            $this->conn->close();
+        } catch (\AmqpRs\Exception) {
+        }
         $conn = new Connection(Broker::uri());
         try {
             $conn->deleteQueue($this->queue);

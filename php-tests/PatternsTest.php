@@ -36,6 +36,12 @@ final class PatternsTest extends TestCase
 
     protected function tearDown(): void
     {
+        // Closed first: left open, its recovery from a later test's broker restart
+        // (RecoveryTest) would declare the queue again after it is deleted below.
+        try {
+            $this->conn->close();
+        } catch (\AmqpRs\Exception) {
+        }
         if (is_resource($this->server)) {
             $this->stopServer();
         }
