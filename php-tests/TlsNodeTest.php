@@ -178,7 +178,10 @@ final class TlsNodeTest extends TestCase
     {
         $e = $this->connectFails($this->uri(), $this->options([], [], false));
         $this->assertStringContainsString('localhost:' . self::$tlsPort, $e->getMessage());
-        $this->assertMatchesRegularExpression('/CertificateRequired|certificate/i', $e->getMessage());
+        // Under TLS 1.3 the client's handshake is done before the server checks for a client
+        // certificate: the server's refusal arrives as its certificate_required alert, or, when
+        // it closes first, as a reset (seen in CI runs, under load). Either way it refused.
+        $this->assertMatchesRegularExpression('/CertificateRequired|certificate|Connection reset by peer/i', $e->getMessage());
     }
 
     public function testMutualTlsWithAClientCertificateWorks(): void
